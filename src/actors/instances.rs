@@ -1,0 +1,148 @@
+//! Live agent instances per service, from ManagementService heartbeats; shown by
+//! `GET /api/v1/services`. Bounded: past the limit the longest-silent instance goes.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+
+use crate::model::{InstanceInfo, ServiceInstances};
+
+/// A `keepAlive` (no properties) or `reportInstanceProperties` (with them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat {
+    pub service: String,
+    pub instance: String,
+    pub layer: String,
+    pub properties_opt: Option<Vec<(String, String)>>,
+    pub time_ms: i64,
+}
+
+/// Services with the instances seen within the live window, sorted by name.
+#[derive(Message)]
+#[rtype(result = "Vec<ServiceInstances>")]
+pub struct ListServices {
+    pub now_ms: i64,
+}
+
+pub struct InstanceRegistry {
+    /// (service, instance) → what was last heard.
+    instances: HashMap<(String, String), InstanceInfo>,
+    live_window_ms: i64,
+    max_instances: usize,
+}
+
+impl InstanceRegistry {
+    pub fn new(live_window_ms: u64, max_instances: usize) -> InstanceRegistry {
+        InstanceRegistry {
+            instances: HashMap::new(),
+            live_window_ms: i64::try_from(live_window_ms).unwrap_or(i64::MAX),
+            max_instances: max_instances.max(1),
+        }
+    }
+
+    fn make_room(&mut self, now_ms: i64) {
+        let live_window_ms = self.live_window_ms;
+        if self.instances.len() < self.max_instances {
+            return;
+        }
+        self.instances
+            .retain(|_, info| now_ms.saturating_sub(info.last_seen) <= live_window_ms);
+        while self.instances.len() >= self.max_instances {
+            let oldest = self
+                .instances
+                .iter()
+                .min_by_key(|(_, info)| info.last_seen)
+                .map(|(key, _)| key.clone());
+            match oldest {
+                Some(key) => self.instances.remove(&key),
+                None => break,
+            };
+        }
+    }
+}
+
+impl Actor for InstanceRegistry {
+    type Context = Context<Self>;
+}
+
+impl Handler<Heartbeat> for InstanceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, message: Heartbeat, _ctx: &mut Self::Context) {
+        let key = (message.service, message.instance);
+        if !self.instances.contains_key(&key) {
+            self.make_room(message.time_ms);
+        }
+        let info = self
+            .instances
+            .entry(key.clone())
+            .or_insert_with(|| InstanceInfo {
+                name: key.1.clone(),
+                last_seen: message.time_ms,
+                layer: String::new(),
+                properties: Vec::new(),
+            });
+        info.last_seen = info.last_seen.max(message.time_ms);
+        if !message.layer.is_empty() {
+            info.layer = message.layer;
+        }
+        if let Some(properties) = message.properties_opt {
+            info.properties = properties;
+        }
+    }
+}
+
+impl Handler<ListServices> for InstanceRegistry {
+    type Result = MessageResult<ListServices>;
+
+    fn handle(&mut self, message: ListServices, _ctx: &mut Self::Context) -> Self::Result {
+        let mut services: HashMap<String, Vec<InstanceInfo>> = HashMap::new();
+        for ((service, _), info) in &self.instances {
+            if message.now_ms.saturating_sub(info.last_seen) <= self.live_window_ms {
+                services
+                    .entry(service.clone())
+                    .or_default()
+                    .push(info.clone());
+            }
+        }
+        let mut list: Vec<ServiceInstances> = services
+            .into_iter()
+            .map(|(service, mut instances)| {
+                instances.sort_by(|a, b| a.name.cmp(&b.name));
+                ServiceInstances { service, instances }
+            })
+            .collect();
+        list.sort_by(|a, b| a.service.cmp(&b.service));
+        MessageResult(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(service: &str, instance: &str, time_ms: i64) -> Heartbeat {
+        Heartbeat {
+            service: service.into(),
+            instance: instance.into(),
+            layer: String::new(),
+            properties_opt: None,
+            time_ms,
+        }
+    }
+
+    #[actix::test]
+    async fn test_instances_live_window_and_bound() {
+        let registry = InstanceRegistry::new(1_000, 2).start();
+        registry.send(beat("svc", "a", 0)).await.unwrap();
+        registry.send(beat("svc", "b", 500)).await.unwrap();
+        let list = registry.send(ListServices { now_ms: 1_200 }).await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].instances.len(), 1, "a is past the live window");
+        registry.send(beat("other", "c", 1_300)).await.unwrap();
+        let list = registry.send(ListServices { now_ms: 1_300 }).await.unwrap();
+        let names: Vec<_> = list.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(names, ["other", "svc"]);
+    }
+}

@@ -1,0 +1,10 @@
+//! The actors: snapshot shards (batching into the sinks), the two task caches, the task
+//! registry, the task log writer and the instance registry.
+
+pub mod instances;
+pub mod shard;
+pub mod sink;
+pub mod task_by_id;
+pub mod task_cache;
+pub mod task_log;
+pub mod task_registry;

@@ -1,0 +1,412 @@
+//! A snapshot shard: collects the snapshots routed to it into a batch, closes the batch
+//! for a named reason (size, bytes, timer, drain, shutdown), commits it to every sink
+//! with bounded retries, and only then answers the receipts of the streams that sent
+//! them. While a batch commits the shard takes no new messages, so a slow sink fills
+//! the bounded mailbox and senders wait: backpressure reaches the gRPC streams.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::sink::retry::{write_with_retry, RetryPolicy};
+use super::sink::{SinkError, SnapshotSink};
+use crate::metrics;
+use crate::model::SnapshotRecord;
+
+/// Why a batch was closed; the `reason` label of `skysnap_batches_flushed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Size,
+    Bytes,
+    Timer,
+    /// An explicit `Flush`, e.g. from a test or an operator.
+    Drain,
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Size => "size",
+            CloseReason::Bytes => "bytes",
+            CloseReason::Timer => "timer",
+            CloseReason::Drain => "drain",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Resolves once the snapshots of one `Ingest` are committed, or failed for good.
+pub type CommitReceipt = oneshot::Receiver<Result<(), SinkError>>;
+
+/// Snapshots for this shard; answered at once with a receipt for their commit.
+#[derive(Message)]
+#[rtype(result = "CommitReceipt")]
+pub struct Ingest {
+    pub records: Vec<SnapshotRecord>,
+}
+
+/// Closes the open batch and answers once it is committed.
+#[derive(Message)]
+#[rtype(result = "Result<(), SinkError>")]
+pub struct Flush {
+    pub reason: CloseReason,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_snapshots: usize,
+    pub max_bytes: usize,
+    pub flush_interval: Duration,
+}
+
+#[derive(Default)]
+struct Batch {
+    /// Identifies the batch a timer was set for, so that a late timer is ignored.
+    id: u64,
+    records: Vec<SnapshotRecord>,
+    bytes: usize,
+    waiters: Vec<oneshot::Sender<Result<(), SinkError>>>,
+}
+
+pub struct SnapshotShard {
+    sinks: Arc<[Arc<dyn SnapshotSink>]>,
+    limits: BatchLimits,
+    retry: RetryPolicy,
+    mailbox_capacity: usize,
+    batch: Batch,
+}
+
+impl SnapshotShard {
+    pub fn new(
+        sinks: Arc<[Arc<dyn SnapshotSink>]>,
+        limits: BatchLimits,
+        retry: RetryPolicy,
+        mailbox_capacity: usize,
+    ) -> SnapshotShard {
+        SnapshotShard {
+            sinks,
+            limits,
+            retry,
+            mailbox_capacity,
+            batch: Batch::default(),
+        }
+    }
+
+    /// Takes the open batch and commits it; the actor waits (takes no messages) until done.
+    fn close_batch(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
+        let next_id = self.batch.id + 1;
+        let batch = std::mem::replace(
+            &mut self.batch,
+            Batch {
+                id: next_id,
+                ..Batch::default()
+            },
+        );
+        if batch.records.is_empty() {
+            for waiter in batch.waiters {
+                let _ = waiter.send(Ok(()));
+            }
+            return;
+        }
+        metrics::batch_closed(reason.as_str());
+        let sinks = self.sinks.clone();
+        let retry = self.retry.clone();
+        let commit = async move {
+            let result = commit_to_sinks(&sinks, &batch.records, &retry).await;
+            let count = batch.records.len();
+            match &result {
+                Ok(()) => {
+                    ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(count as u64);
+                }
+                Err(error) => {
+                    tracing::error!(%error, snapshots = count, "batch not committed; its streams get UNAVAILABLE");
+                    metrics::snapshots_refused("sink_unavailable", count);
+                }
+            }
+            for waiter in batch.waiters {
+                let _ = waiter.send(result.clone());
+            }
+        };
+        ctx.wait(commit.into_actor(self));
+    }
+
+    fn on_timer(&mut self, batch_id: u64, ctx: &mut Context<Self>) {
+        if self.batch.id == batch_id && !self.batch.records.is_empty() {
+            self.close_batch(CloseReason::Timer, ctx);
+        }
+    }
+}
+
+/// Commits to every sink in turn; the batch counts as committed only if all succeed.
+async fn commit_to_sinks(
+    sinks: &[Arc<dyn SnapshotSink>],
+    records: &[SnapshotRecord],
+    retry: &RetryPolicy,
+) -> Result<(), SinkError> {
+    for sink in sinks {
+        let started = Instant::now();
+        write_with_retry(sink.as_ref(), records, retry).await?;
+        metrics::batch_written(sink.name(), records.len(), started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+impl Actor for SnapshotShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+}
+
+impl Handler<Ingest> for SnapshotShard {
+    type Result = MessageResult<Ingest>;
+
+    fn handle(&mut self, message: Ingest, ctx: &mut Self::Context) -> Self::Result {
+        let (sender, receipt) = oneshot::channel();
+        if message.records.is_empty() {
+            let _ = sender.send(Ok(()));
+            return MessageResult(receipt);
+        }
+        if self.batch.records.is_empty() {
+            let batch_id = self.batch.id;
+            ctx.run_later(self.limits.flush_interval, move |shard, ctx| {
+                shard.on_timer(batch_id, ctx)
+            });
+        }
+        self.batch.bytes += message
+            .records
+            .iter()
+            .map(SnapshotRecord::approximate_bytes)
+            .sum::<usize>();
+        self.batch.records.extend(message.records);
+        self.batch.waiters.push(sender);
+        if self.batch.records.len() >= self.limits.max_snapshots {
+            self.close_batch(CloseReason::Size, ctx);
+        } else if self.batch.bytes >= self.limits.max_bytes {
+            self.close_batch(CloseReason::Bytes, ctx);
+        }
+        MessageResult(receipt)
+    }
+}
+
+impl Handler<Flush> for SnapshotShard {
+    type Result = ResponseFuture<Result<(), SinkError>>;
+
+    fn handle(&mut self, message: Flush, ctx: &mut Self::Context) -> Self::Result {
+        let (sender, done) = oneshot::channel();
+        self.batch.waiters.push(sender);
+        self.close_batch(message.reason, ctx);
+        Box::pin(async move {
+            done.await.unwrap_or_else(|_| {
+                Err(SinkError {
+                    sink: "shard",
+                    message: "shard stopped before the flush finished".to_string(),
+                    retriable: true,
+                })
+            })
+        })
+    }
+}
+
+/// Stable shard choice for a (task, segment): FNV-1a, so that one segment's snapshots
+/// always meet in the same batch sequence, across restarts and replicas alike.
+pub fn shard_for(task_id: &str, segment_id: &str, shards: usize) -> usize {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for byte in task_id
+        .bytes()
+        .chain(std::iter::once(0xff))
+        .chain(segment_id.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    (hash % shards.max(1) as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    /// Records every batch it is given; fails while `failing` is set.
+    #[derive(Default)]
+    struct RecordingSink {
+        batches: Mutex<Vec<usize>>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl SnapshotSink for RecordingSink {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+
+        async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(SinkError {
+                    sink: "recording",
+                    message: "down".into(),
+                    retriable: false,
+                });
+            }
+            self.batches.lock().unwrap().push(batch.len());
+            Ok(())
+        }
+    }
+
+    fn record(sequence: i32) -> SnapshotRecord {
+        SnapshotRecord {
+            task_id: "t".into(),
+            segment_id: "s".into(),
+            sequence,
+            dump_time: 1,
+            stack: vec!["frame".into()],
+        }
+    }
+
+    fn start(sink: Arc<RecordingSink>, limits: BatchLimits) -> Addr<SnapshotShard> {
+        let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(vec![sink as Arc<dyn SnapshotSink>]);
+        let retry = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            budget: Duration::from_millis(10),
+        };
+        SnapshotShard::new(sinks, limits, retry, 4).start()
+    }
+
+    fn limits(max_snapshots: usize, max_bytes: usize, flush_ms: u64) -> BatchLimits {
+        BatchLimits {
+            max_snapshots,
+            max_bytes,
+            flush_interval: Duration::from_millis(flush_ms),
+        }
+    }
+
+    #[actix::test]
+    async fn test_shard_closes_batch_on_size() {
+        let sink = Arc::new(RecordingSink::default());
+        let shard = start(sink.clone(), limits(3, usize::MAX, 60_000));
+        let first = shard
+            .send(Ingest {
+                records: vec![record(0), record(1)],
+            })
+            .await
+            .unwrap();
+        let second = shard
+            .send(Ingest {
+                records: vec![record(2)],
+            })
+            .await
+            .unwrap();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![3]);
+    }
+
+    #[actix::test]
+    async fn test_shard_closes_batch_on_bytes() {
+        let sink = Arc::new(RecordingSink::default());
+        let one = record(0).approximate_bytes();
+        let shard = start(sink.clone(), limits(1_000, one * 2, 60_000));
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(0), record(1)],
+            })
+            .await
+            .unwrap();
+        receipt.await.unwrap().unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[actix::test]
+    async fn test_shard_closes_batch_on_timer() {
+        let sink = Arc::new(RecordingSink::default());
+        let shard = start(sink.clone(), limits(1_000, usize::MAX, 20));
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(0)],
+            })
+            .await
+            .unwrap();
+        // Nothing but the timer can close this batch.
+        receipt.await.unwrap().unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
+    }
+
+    #[actix::test]
+    async fn test_shard_flush_drains_and_failure_reaches_receipts() {
+        let sink = Arc::new(RecordingSink::default());
+        let shard = start(sink.clone(), limits(1_000, usize::MAX, 60_000));
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(0)],
+            })
+            .await
+            .unwrap();
+        shard
+            .send(Flush {
+                reason: CloseReason::Drain,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        receipt.await.unwrap().unwrap();
+        // An empty flush succeeds without writing.
+        shard
+            .send(Flush {
+                reason: CloseReason::Shutdown,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
+
+        sink.failing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(1)],
+            })
+            .await
+            .unwrap();
+        assert!(shard
+            .send(Flush {
+                reason: CloseReason::Drain
+            })
+            .await
+            .unwrap()
+            .is_err());
+        assert!(receipt.await.unwrap().is_err());
+    }
+
+    #[test]
+    fn test_shard_routing_is_stable_and_spread() {
+        assert_eq!(
+            shard_for("task", "segment", 4),
+            shard_for("task", "segment", 4)
+        );
+        assert_eq!(shard_for("a", "b", 1), 0);
+        let mut counts = [0usize; 4];
+        for segment in 0..4_000 {
+            counts[shard_for("task", &format!("segment-{segment}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(
+            (0..64)
+                .map(|n| shard_for("ab", &format!("c{n}"), 1024))
+                .collect::<Vec<_>>(),
+            (0..64)
+                .map(|n| shard_for("a", &format!("bc{n}"), 1024))
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! Where shard batches go. A sink writes one batch and says whether a failure may pass
+//! (retriable) or not (final); `retry` decides how long to keep trying.
+
+pub mod retry;
+pub mod store;
+
+use async_trait::async_trait;
+
+use crate::model::SnapshotRecord;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("sink {sink} failed: {message}")]
+pub struct SinkError {
+    pub sink: &'static str,
+    pub message: String,
+    /// Whether the same batch may succeed if written again later.
+    pub retriable: bool,
+}
+
+#[async_trait]
+pub trait SnapshotSink: Send + Sync + 'static {
+    /// Short name for logs and the `sink` metric label.
+    fn name(&self) -> &'static str;
+
+    /// Writes the whole batch, or fails without a partial write being visible as missing
+    /// data (a retried batch may re-write rows; stores collapse them by key).
+    async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError>;
+}
+
+/// Accepts and forgets everything: the baseline for benchmarks of the pipeline itself.
+pub struct NullSink;
+
+#[async_trait]
+impl SnapshotSink for NullSink {
+    fn name(&self) -> &'static str {
+        "null"
+    }
+
+    async fn write(&self, _batch: &[SnapshotRecord]) -> Result<(), SinkError> {
+        Ok(())
+    }
+}

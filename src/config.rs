@@ -1,0 +1,654 @@
+//! Configuration: one YAML file (every key optional), then `SKYSNAP_<SECTION>_<KEY>`
+//! environment variables on top, then CLI flags. Defaults live in the `Default` impls
+//! below and nowhere else; `config/skysnap.yaml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+/// Environment variables that start with this prefix configure the service.
+pub const ENV_PREFIX: &str = "SKYSNAP_";
+
+/// Environment variables with the prefix that belong to the CLI client, not the service.
+const CLIENT_ENV_VARS: &[&str] = &["SKYSNAP_SERVER", "SKYSNAP_CONFIG", "SKYSNAP_LOG"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration key {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("unknown configuration key {key} (from environment variable {variable})")]
+    UnknownEnv { key: String, variable: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub grpc: GrpcConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub store: StoreConfig,
+    pub sqlite: SqliteConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+    pub sink: SinkConfig,
+    pub tasks: TasksConfig,
+    pub instances: InstancesConfig,
+    pub auth: AuthConfig,
+    pub retention: RetentionConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Where agents connect; port 0 picks a free port (printed at start-up).
+    pub addr: SocketAddr,
+    /// Largest gRPC message accepted, in bytes; larger ones are refused.
+    pub max_message_bytes: usize,
+    /// Deepest stack accepted in a snapshot, in frames; deeper snapshots are rejected.
+    pub max_stack_depth: usize,
+    /// Concurrent HTTP/2 streams per agent connection.
+    pub max_concurrent_streams: u32,
+    /// PEM certificate chain; with `tls_key_path` it turns TLS on for gRPC.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key for `tls_cert_path`.
+    pub tls_key_path: Option<PathBuf>,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            addr: "0.0.0.0:11800".parse().expect("valid default address"),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_stack_depth: 2000,
+            max_concurrent_streams: 1024,
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the JSON API and `/healthz`, `/readyz` listen; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Most snapshots one `/segments/{id}/snapshots` answer returns.
+    pub max_snapshots_per_response: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "0.0.0.0:12800".parse().expect("valid default address"),
+            max_snapshots_per_response: 12_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where Prometheus scrapes `/metrics`; port 0 picks a free port.
+    pub addr: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            addr: "0.0.0.0:1234".parse().expect("valid default address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Clickhouse,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite` (embedded, the default) or `clickhouse`.
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteConfig {
+    /// Database file; its folder is created when missing.
+    pub path: PathBuf,
+    /// Connections kept open for API reads (writes use one connection of their own).
+    pub read_connections: usize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            path: PathBuf::from("./data/skysnap.db"),
+            read_connections: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP interface of the ClickHouse server.
+    pub url: String,
+    pub database: String,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".to_string(),
+            database: "skysnap".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers; empty turns Kafka off.
+    pub brokers: String,
+    pub topic: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            topic: "skywalking-profilings".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineMode {
+    /// Receivers write to the store (and copy to Kafka when it is configured).
+    #[default]
+    Direct,
+    /// Receivers write to Kafka only; `skysnap consume` moves the topic into the store.
+    Kafka,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub mode: PipelineMode,
+    /// Snapshot shard actors, each on its own thread; 0 = one per CPU core.
+    pub shards: usize,
+    /// A shard's batch closes at this many snapshots.
+    pub batch_max_snapshots: usize,
+    /// A shard's batch closes at this many bytes of snapshot data.
+    pub batch_max_bytes: usize,
+    /// A shard's batch closes this many milliseconds after its first snapshot.
+    pub batch_flush_interval_ms: u64,
+    /// Messages a shard's mailbox holds before senders wait (backpressure).
+    pub shard_mailbox_capacity: usize,
+    /// Snapshots a stream handler hands to a shard in one message at most.
+    pub stream_chunk_snapshots: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            mode: PipelineMode::Direct,
+            shards: 0,
+            // One SQLite transaction per 2,000 rows amortises the commit; at 40 frames a
+            // snapshot that is ~3 MB, under the byte limit.
+            batch_max_snapshots: 2_000,
+            batch_max_bytes: 8 * 1024 * 1024,
+            // Agents send a stream every 500 ms; 200 ms keeps an ack within ~half of that.
+            batch_flush_interval_ms: 200,
+            shard_mailbox_capacity: 16,
+            stream_chunk_snapshots: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Attempts per batch before its streams are answered `UNAVAILABLE`.
+    pub retry_max_attempts: u32,
+    /// First back-off in milliseconds; doubles each attempt, with jitter.
+    pub retry_initial_backoff_ms: u64,
+    /// Largest back-off in milliseconds.
+    pub retry_max_backoff_ms: u64,
+    /// Total milliseconds a batch may spend retrying.
+    pub retry_budget_ms: u64,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            retry_max_attempts: 8,
+            retry_initial_backoff_ms: 100,
+            retry_max_backoff_ms: 2_000,
+            retry_budget_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// How often the downstream cache reloads running tasks from the store, in ms.
+    pub cache_refresh_interval_ms: u64,
+    /// A service's entry expires this many ms after its last write.
+    pub cache_expire_ms: u64,
+    /// Services the downstream cache holds at most.
+    pub cache_max_services: usize,
+    /// Tasks the by-id cache holds at most.
+    pub by_id_cache_size: usize,
+    /// How often pending task logs are written, in ms.
+    pub log_flush_interval_ms: u64,
+    /// Log keys remembered to skip re-writing a NOTIFIED the store already has.
+    pub log_dedup_capacity: usize,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            cache_refresh_interval_ms: 10_000,
+            cache_expire_ms: 60_000,
+            cache_max_services: 10_000,
+            by_id_cache_size: 10_000,
+            log_flush_interval_ms: 100,
+            log_dedup_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstancesConfig {
+    /// An instance counts as live this many ms after its last heartbeat.
+    pub live_window_ms: u64,
+    /// Instances remembered at most (the oldest are forgotten first).
+    pub max_instances: usize,
+}
+
+impl Default for InstancesConfig {
+    fn default() -> Self {
+        InstancesConfig {
+            // The agents' keepAlive runs every 30 s; allow three to go missing.
+            live_window_ms: 120_000,
+            max_instances: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// When set, every gRPC call needs metadata `authentication: <token>`.
+    pub agent_token: Option<String>,
+    /// When set, every `/api/` call needs `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days records are kept, by time bucket.
+    pub days: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { days: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Milliseconds from SIGTERM to exit: open streams finish, batches flush.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_ms: 20_000 }
+    }
+}
+
+impl Config {
+    /// Reads the file (when given), applies the process environment, and validates.
+    pub fn load(path_opt: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::load_with_env(path_opt, &env)
+    }
+
+    pub fn load_with_env(
+        path_opt: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match path_opt {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let value: Value =
+                    serde_yaml::from_str(&text).map_err(|error| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message: error.to_string(),
+                    })?;
+                match value {
+                    Value::Null => Value::Mapping(Mapping::new()),
+                    Value::Mapping(_) => value,
+                    _ => {
+                        return Err(ConfigError::Parse {
+                            path: path.to_path_buf(),
+                            message: "the top level must be a mapping of sections".to_string(),
+                        })
+                    }
+                }
+            }
+            None => Value::Mapping(Mapping::new()),
+        };
+        apply_env(&mut tree, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(tree).map_err(|error| ConfigError::Invalid {
+                key: error.path().to_string(),
+                message: error.inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.grpc.max_message_bytes < 1024 {
+            return invalid("grpc.max_message_bytes", "must be at least 1024");
+        }
+        if self.grpc.max_stack_depth == 0 {
+            return invalid("grpc.max_stack_depth", "must be greater than zero");
+        }
+        if self.grpc.tls_cert_path.is_some() != self.grpc.tls_key_path.is_some() {
+            return invalid(
+                "grpc.tls_cert_path",
+                "grpc.tls_cert_path and grpc.tls_key_path must be set together",
+            );
+        }
+        if self.pipeline.batch_max_snapshots == 0 {
+            return invalid("pipeline.batch_max_snapshots", "must be greater than zero");
+        }
+        if self.pipeline.batch_max_bytes == 0 {
+            return invalid("pipeline.batch_max_bytes", "must be greater than zero");
+        }
+        if self.pipeline.batch_flush_interval_ms == 0 {
+            return invalid(
+                "pipeline.batch_flush_interval_ms",
+                "must be greater than zero",
+            );
+        }
+        if self.pipeline.shard_mailbox_capacity == 0 {
+            return invalid(
+                "pipeline.shard_mailbox_capacity",
+                "must be greater than zero",
+            );
+        }
+        if self.pipeline.stream_chunk_snapshots == 0 {
+            return invalid(
+                "pipeline.stream_chunk_snapshots",
+                "must be greater than zero",
+            );
+        }
+        if self.sink.retry_max_attempts == 0 {
+            return invalid("sink.retry_max_attempts", "must be at least 1");
+        }
+        if self.tasks.cache_refresh_interval_ms == 0 {
+            return invalid(
+                "tasks.cache_refresh_interval_ms",
+                "must be greater than zero",
+            );
+        }
+        if self.tasks.cache_max_services == 0 {
+            return invalid("tasks.cache_max_services", "must be greater than zero");
+        }
+        if self.tasks.by_id_cache_size == 0 {
+            return invalid("tasks.by_id_cache_size", "must be greater than zero");
+        }
+        if self.tasks.log_flush_interval_ms == 0 {
+            return invalid("tasks.log_flush_interval_ms", "must be greater than zero");
+        }
+        if self.sqlite.read_connections == 0 {
+            return invalid("sqlite.read_connections", "must be greater than zero");
+        }
+        if self.retention.days == 0 {
+            return invalid("retention.days", "must be at least 1");
+        }
+        if self.auth.agent_token.as_deref() == Some("") {
+            return invalid(
+                "auth.agent_token",
+                "must not be empty (leave it unset for no token)",
+            );
+        }
+        if self.auth.admin_token.as_deref() == Some("") {
+            return invalid(
+                "auth.admin_token",
+                "must not be empty (leave it unset for no token)",
+            );
+        }
+        if self.store.kind == StoreKind::Clickhouse {
+            return invalid(
+                "store.kind",
+                "clickhouse is not implemented yet in this version; use sqlite",
+            );
+        }
+        if self.pipeline.mode == PipelineMode::Kafka || !self.kafka.brokers.trim().is_empty() {
+            return invalid(
+                "kafka.brokers",
+                "the Kafka sink is not implemented yet in this version; leave kafka.brokers empty and pipeline.mode direct",
+            );
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 to the number of cores.
+    pub fn shard_count(&self) -> usize {
+        if self.pipeline.shards > 0 {
+            return self.pipeline.shards;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}
+
+/// Writes `SKYSNAP_<SECTION>_<KEY>` variables into the tree. The default configuration
+/// tells which keys exist and whether a value is a number, a flag or text, so that a
+/// token such as `123` stays text.
+fn apply_env(tree: &mut Value, env: &[(String, String)]) -> Result<(), ConfigError> {
+    let defaults = serde_yaml::to_value(Config::default()).expect("default config serialises");
+    let Value::Mapping(sections) = &defaults else {
+        unreachable!("the default config is a mapping")
+    };
+    for (variable, raw) in env {
+        let Some(rest) = variable.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if CLIENT_ENV_VARS.contains(&variable.as_str()) {
+            continue;
+        }
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            return Err(ConfigError::UnknownEnv {
+                key: rest,
+                variable: variable.clone(),
+            });
+        };
+        let Some(Value::Mapping(default_section)) = sections.get(section) else {
+            return Err(ConfigError::UnknownEnv {
+                key: format!("{section}.{key}"),
+                variable: variable.clone(),
+            });
+        };
+        let Some(default_value) = default_section.get(key) else {
+            return Err(ConfigError::UnknownEnv {
+                key: format!("{section}.{key}"),
+                variable: variable.clone(),
+            });
+        };
+        let value = match default_value {
+            Value::Number(_) | Value::Bool(_) => {
+                serde_yaml::from_str(raw).map_err(|error| ConfigError::Invalid {
+                    key: format!("{section}.{key}"),
+                    message: format!("{variable}: {error}"),
+                })?
+            }
+            _ => Value::String(raw.clone()),
+        };
+        let Value::Mapping(root) = tree else {
+            unreachable!("the config tree is a mapping")
+        };
+        let section_value = root
+            .entry(Value::String(section.to_string()))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if section_value.is_null() {
+            *section_value = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(section_map) = section_value else {
+            return Err(ConfigError::Invalid {
+                key: section.to_string(),
+                message: "must be a mapping".to_string(),
+            });
+        };
+        section_map.insert(Value::String(key.to_string()), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn test_config_defaults_without_file() {
+        let config = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.grpc.addr.to_string(), "0.0.0.0:11800");
+        assert_eq!(config.http.addr.to_string(), "0.0.0.0:12800");
+        assert_eq!(config.metrics.addr.to_string(), "0.0.0.0:1234");
+        assert_eq!(config.sqlite.path, PathBuf::from("./data/skysnap.db"));
+        assert_eq!(config.kafka.topic, "skywalking-profilings");
+        assert_eq!(config.retention.days, 3);
+        assert_eq!(config.shutdown.grace_ms, 20_000);
+    }
+
+    #[test]
+    fn test_config_shipped_file_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/skysnap.yaml");
+        let config = Config::load_with_env(Some(&path), &[]).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn test_config_env_overrides_file() {
+        let f = file("grpc:\n  addr: 127.0.0.1:1\nretention:\n  days: 5\n");
+        let config = Config::load_with_env(
+            Some(f.path()),
+            &env(&[
+                ("SKYSNAP_GRPC_ADDR", "127.0.0.1:2"),
+                ("SKYSNAP_AUTH_AGENT_TOKEN", "123"),
+                ("SKYSNAP_SHUTDOWN_GRACE_MS", "500"),
+                ("SKYSNAP_SERVER", "http://ignored"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.grpc.addr.to_string(), "127.0.0.1:2");
+        assert_eq!(config.auth.agent_token.as_deref(), Some("123"));
+        assert_eq!(config.shutdown.grace_ms, 500);
+        assert_eq!(config.retention.days, 5);
+    }
+
+    #[test]
+    fn test_config_unknown_key_names_it() {
+        let f = file("grpc:\n  adr: 127.0.0.1:1\n");
+        let error = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("grpc"), "{error}");
+        assert!(error.contains("adr"), "{error}");
+
+        let error = Config::load_with_env(None, &env(&[("SKYSNAP_GRPC_ADR", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("grpc.adr"), "{error}");
+        assert!(error.contains("SKYSNAP_GRPC_ADR"), "{error}");
+    }
+
+    #[test]
+    fn test_config_bad_value_names_key() {
+        let error = Config::load_with_env(None, &env(&[("SKYSNAP_GRPC_ADDR", "nonsense")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("grpc.addr"), "{error}");
+
+        let error = Config::load_with_env(None, &env(&[("SKYSNAP_RETENTION_DAYS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("retention.days"), "{error}");
+
+        let f = file("pipeline:\n  batch_max_snapshots: 0\n");
+        let error = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("pipeline.batch_max_snapshots"), "{error}");
+
+        let f = file("store:\n  kind: postgres\n");
+        let error = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("store.kind"), "{error}");
+    }
+
+    #[test]
+    fn test_config_empty_file_is_defaults() {
+        let f = file("");
+        assert_eq!(
+            Config::load_with_env(Some(f.path()), &[]).unwrap(),
+            Config::default()
+        );
+    }
+}

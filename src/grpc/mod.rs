@@ -1,0 +1,168 @@
+//! The agent-facing gRPC server: one file per service, statuses mapped in `status`.
+
+pub mod discard;
+pub mod management;
+pub mod profile;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
+use tonic::service::InterceptorLayer;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::config::Config;
+use crate::metrics::GRPC_UNAUTHENTICATED;
+use crate::pipeline::Handles;
+use crate::proto::compat;
+use crate::proto::v3::configuration_discovery_service_server::ConfigurationDiscoveryServiceServer;
+use crate::proto::v3::event_service_server::EventServiceServer;
+use crate::proto::v3::jvm_metric_report_service_server::JvmMetricReportServiceServer;
+use crate::proto::v3::log_report_service_server::LogReportServiceServer;
+use crate::proto::v3::management_service_server::ManagementServiceServer;
+use crate::proto::v3::meter_report_service_server::MeterReportServiceServer;
+use crate::proto::v3::profile_task_server::ProfileTaskServer;
+use crate::proto::v3::trace_segment_report_service_server::TraceSegmentReportServiceServer;
+
+/// SkyWalking agents send their token in this metadata key.
+pub const AUTH_METADATA_KEY: &str = "authentication";
+
+/// Refuses calls without the configured agent token (none configured: all pass).
+fn check_token(
+    expected: Option<Arc<str>>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let Some(expected) = &expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get(AUTH_METADATA_KEY)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(request)
+        } else {
+            ::metrics::counter!(GRPC_UNAUTHENTICATED).increment(1);
+            Err(Status::unauthenticated(
+                "missing or wrong authentication token",
+            ))
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(byte ^ given.get(index).copied().unwrap_or(0));
+    }
+    difference == 0
+}
+
+/// Serves every agent service on the listener until `shutdown` resolves, then lets
+/// open calls finish (no new streams are accepted).
+pub async fn serve(
+    config: &Config,
+    handles: Handles,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let limit = config.grpc.max_message_bytes;
+    let profile = profile::ProfileService::new(
+        handles.clone(),
+        config.grpc.max_stack_depth,
+        config.pipeline.stream_chunk_snapshots,
+    );
+    let mut builder = Server::builder().max_concurrent_streams(config.grpc.max_concurrent_streams);
+    if let (Some(cert_path), Some(key_path)) =
+        (&config.grpc.tls_cert_path, &config.grpc.tls_key_path)
+    {
+        let cert = std::fs::read(cert_path).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot read grpc.tls_cert_path {}: {error}",
+                cert_path.display()
+            )
+        })?;
+        let key = std::fs::read(key_path).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot read grpc.tls_key_path {}: {error}",
+                key_path.display()
+            )
+        })?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|error| anyhow::anyhow!("invalid gRPC TLS configuration: {error}"))?;
+    }
+    let token = config.auth.agent_token.as_deref().map(Arc::<str>::from);
+
+    macro_rules! limited {
+        ($server:expr) => {
+            $server
+                .max_decoding_message_size(limit)
+                .accept_compressed(CompressionEncoding::Gzip)
+        };
+    }
+
+    builder
+        .layer(InterceptorLayer::new(check_token(token)))
+        .add_service(limited!(ProfileTaskServer::new(profile.clone())))
+        .add_service(limited!(
+            compat::profile_task_server::ProfileTaskServer::new(profile)
+        ))
+        .add_service(limited!(ManagementServiceServer::new(
+            management::ManagementHandler::new(handles)
+        )))
+        .add_service(limited!(TraceSegmentReportServiceServer::new(
+            discard::DiscardService
+        )))
+        .add_service(limited!(LogReportServiceServer::new(
+            discard::DiscardService
+        )))
+        .add_service(limited!(MeterReportServiceServer::new(
+            discard::DiscardService
+        )))
+        .add_service(limited!(JvmMetricReportServiceServer::new(
+            discard::DiscardService
+        )))
+        .add_service(limited!(EventServiceServer::new(discard::DiscardService)))
+        .add_service(limited!(ConfigurationDiscoveryServiceServer::new(
+            discard::DiscardService
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_auth_token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+
+    #[test]
+    fn test_auth_interceptor() {
+        let mut open = check_token(None);
+        assert!(open(Request::new(())).is_ok());
+        let mut guarded = check_token(Some(Arc::from("tok")));
+        assert_eq!(
+            guarded(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert(AUTH_METADATA_KEY, "tok".parse().unwrap());
+        assert!(guarded(request).is_ok());
+    }
+}

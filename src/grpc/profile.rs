@@ -1,0 +1,410 @@
+//! `skywalking.v3.ProfileTask` and its package-less twin: task commands from the
+//! downstream cache, snapshot streams into the shards, finish reports into the log.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status;
+use crate::actors::shard::{shard_for, Ingest};
+use crate::actors::task_by_id::GetTask;
+use crate::actors::task_cache::GetServiceTasks;
+use crate::actors::task_log::RecordLog;
+use crate::metrics;
+use crate::model::{now_ms, Operation, SnapshotRecord, Task, TaskLog};
+use crate::pipeline::Handles;
+use crate::proto::compat;
+use crate::proto::v3::profile_task_server::ProfileTask;
+use crate::proto::v3::{
+    Command, Commands, KeyStringValuePair, ProfileTaskCommandQuery, ProfileTaskFinishReport,
+    ThreadSnapshot,
+};
+
+/// Name of the command SkyWalking agents read profile tasks from.
+pub const PROFILE_TASK_COMMAND: &str = "ProfileTaskQuery";
+
+#[derive(Clone)]
+pub struct ProfileService {
+    handles: Handles,
+    max_stack_depth: usize,
+    /// Snapshots sent to a shard in one message at most.
+    chunk_snapshots: usize,
+}
+
+impl ProfileService {
+    pub fn new(handles: Handles, max_stack_depth: usize, chunk_snapshots: usize) -> ProfileService {
+        ProfileService {
+            handles,
+            max_stack_depth,
+            chunk_snapshots,
+        }
+    }
+}
+
+/// The `ProfileTaskQuery` command for a task: all nine args, always, as strings.
+pub fn task_command(task: &Task) -> Command {
+    let arg = |key: &str, value: String| KeyStringValuePair {
+        key: key.to_string(),
+        value,
+    };
+    Command {
+        command: PROFILE_TASK_COMMAND.to_string(),
+        args: vec![
+            arg("SerialNumber", uuid::Uuid::new_v4().to_string()),
+            arg("TaskId", task.id.clone()),
+            arg("EndpointName", task.endpoint_name.clone()),
+            arg("Duration", task.duration.to_string()),
+            arg(
+                "MinDurationThreshold",
+                task.min_duration_threshold.to_string(),
+            ),
+            arg("DumpPeriod", task.dump_period.to_string()),
+            arg("MaxSamplingCount", task.max_sampling_count.to_string()),
+            arg("StartTime", task.start_time.to_string()),
+            arg("CreateTime", task.create_time.to_string()),
+        ],
+    }
+}
+
+/// Checks one snapshot; the error is the `reason` label of the rejection.
+pub fn to_record(
+    snapshot: ThreadSnapshot,
+    max_stack_depth: usize,
+) -> Result<SnapshotRecord, &'static str> {
+    if snapshot.task_id.is_empty() {
+        return Err("empty_task_id");
+    }
+    if snapshot.trace_segment_id.is_empty() {
+        return Err("empty_segment_id");
+    }
+    if snapshot.sequence < 0 {
+        return Err("negative_sequence");
+    }
+    if snapshot.time <= 0 {
+        return Err("invalid_time");
+    }
+    let stack = snapshot
+        .stack
+        .map(|stack| stack.code_signatures)
+        .unwrap_or_default();
+    if stack.len() > max_stack_depth {
+        return Err("stack_too_deep");
+    }
+    Ok(SnapshotRecord {
+        task_id: snapshot.task_id,
+        segment_id: snapshot.trace_segment_id,
+        sequence: snapshot.sequence,
+        dump_time: snapshot.time,
+        stack,
+    })
+}
+
+/// Decrements the open-stream gauge however the stream ends.
+struct StreamGauge;
+
+impl StreamGauge {
+    fn open() -> StreamGauge {
+        ::metrics::gauge!(metrics::STREAMS_ACTIVE).increment(1.0);
+        StreamGauge
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        ::metrics::gauge!(metrics::STREAMS_ACTIVE).decrement(1.0);
+    }
+}
+
+impl ProfileService {
+    async fn commands(&self, query: ProfileTaskCommandQuery) -> Result<Commands, Status> {
+        if query.service.is_empty() {
+            return Err(Status::invalid_argument("service must not be empty"));
+        }
+        let tasks = self
+            .handles
+            .task_cache
+            .send(GetServiceTasks {
+                service: query.service.clone(),
+            })
+            .await
+            .map_err(|error| status::from_mailbox(&error))?;
+        let now = now_ms();
+        let mut commands = Vec::new();
+        for task in tasks
+            .iter()
+            .filter(|task| task.create_time > query.last_command_time)
+        {
+            commands.push(task_command(task));
+            ::metrics::counter!(metrics::TASKS_NOTIFIED).increment(1);
+            let log = TaskLog::new(task, &query.service_instance, Operation::Notified, now);
+            self.handles
+                .task_log
+                .send(RecordLog(log))
+                .await
+                .map_err(|error| status::from_mailbox(&error))?;
+        }
+        Ok(Commands { commands })
+    }
+
+    async fn collect(&self, stream: Streaming<ThreadSnapshot>) -> Result<Commands, Status> {
+        let _gauge = StreamGauge::open();
+        let shards = self.handles.shards.clone();
+        let mut by_shard: Vec<Vec<SnapshotRecord>> = vec![Vec::new(); shards.len()];
+        let mut receipts = Vec::new();
+        // Whether each task id of this stream is known; asked once per task per stream.
+        let mut known_tasks: HashMap<String, bool> = HashMap::new();
+        let mut stream_error: Option<Status> = None;
+        let mut chunks = stream.ready_chunks(self.chunk_snapshots);
+
+        'read: while let Some(chunk) = chunks.next().await {
+            for item in chunk {
+                let snapshot = match item {
+                    Ok(snapshot) => snapshot,
+                    Err(error) => {
+                        stream_error = Some(decode_failure(error));
+                        break 'read;
+                    }
+                };
+                ::metrics::counter!(metrics::SNAPSHOTS_RECEIVED).increment(1);
+                let record = match to_record(snapshot, self.max_stack_depth) {
+                    Ok(record) => record,
+                    Err(reason) => {
+                        metrics::snapshot_rejected(reason);
+                        continue;
+                    }
+                };
+                if !self.is_known_task(&record.task_id, &mut known_tasks).await {
+                    ::metrics::counter!(metrics::SNAPSHOTS_UNKNOWN_TASK).increment(1);
+                }
+                let shard = shard_for(&record.task_id, &record.segment_id, shards.len());
+                by_shard[shard].push(record);
+            }
+            // Hand over what this read gathered; `send` waits while a shard's mailbox
+            // is full, which stops reading the stream: backpressure to the agent.
+            for (shard, records) in by_shard.iter_mut().enumerate() {
+                if records.is_empty() {
+                    continue;
+                }
+                let records = std::mem::take(records);
+                let count = records.len();
+                match shards[shard].send(Ingest { records }).await {
+                    Ok(receipt) => receipts.push(receipt),
+                    Err(error) => {
+                        metrics::snapshots_refused("shutting_down", count);
+                        stream_error.get_or_insert(status::from_mailbox(&error));
+                        break 'read;
+                    }
+                }
+            }
+        }
+        // Every handed-over snapshot is committed (or failed) before the stream is
+        // answered, also when the stream itself broke.
+        let mut commit_error: Option<Status> = None;
+        for receipt in receipts {
+            let outcome = receipt.await.unwrap_or_else(|_| {
+                Err(crate::actors::sink::SinkError {
+                    sink: "shard",
+                    message: "shard stopped before the commit".to_string(),
+                    retriable: true,
+                })
+            });
+            if let Err(error) = outcome {
+                commit_error.get_or_insert(status::from_sink(&error));
+            }
+        }
+        if let Some(error) = stream_error.or(commit_error) {
+            ::metrics::counter!(metrics::STREAMS_FAILED, "code" => code_label(error.code()))
+                .increment(1);
+            return Err(error);
+        }
+        Ok(Commands::default())
+    }
+
+    async fn is_known_task(&self, task_id: &str, known_tasks: &mut HashMap<String, bool>) -> bool {
+        if let Some(known) = known_tasks.get(task_id) {
+            return *known;
+        }
+        let known = matches!(
+            self.handles
+                .by_id
+                .send(GetTask {
+                    id: task_id.to_string()
+                })
+                .await,
+            Ok(Ok(Some(_)))
+        );
+        known_tasks.insert(task_id.to_string(), known);
+        known
+    }
+
+    async fn finish(&self, report: ProfileTaskFinishReport) -> Result<Commands, Status> {
+        let task = self
+            .handles
+            .by_id
+            .send(GetTask {
+                id: report.task_id.clone(),
+            })
+            .await
+            .map_err(|error| status::from_mailbox(&error))?
+            .map_err(|error| status::from_store(&error))?;
+        let Some(task) = task else {
+            tracing::info!(task_id = %report.task_id, "finish report for an unknown task");
+            ::metrics::counter!(metrics::TASK_FINISH_UNKNOWN).increment(1);
+            return Ok(Commands::default());
+        };
+        let log = TaskLog::new(
+            &task,
+            &report.service_instance,
+            Operation::ExecutionFinished,
+            now_ms(),
+        );
+        self.handles
+            .task_log
+            .send(RecordLog(log))
+            .await
+            .map_err(|error| status::from_mailbox(&error))?;
+        Ok(Commands::default())
+    }
+}
+
+/// A broken stream (bad protobuf, oversized message): the client's fault, said so.
+fn decode_failure(error: Status) -> Status {
+    metrics::snapshot_rejected("malformed");
+    match error.code() {
+        tonic::Code::Internal | tonic::Code::Unknown => Status::invalid_argument(format!(
+            "malformed ThreadSnapshot stream: {}",
+            error.message()
+        )),
+        _ => error,
+    }
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::OutOfRange => "out_of_range",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "other",
+    }
+}
+
+#[tonic::async_trait]
+impl ProfileTask for ProfileService {
+    async fn get_profile_task_commands(
+        &self,
+        request: Request<ProfileTaskCommandQuery>,
+    ) -> Result<Response<Commands>, Status> {
+        self.commands(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn collect_snapshot(
+        &self,
+        request: Request<Streaming<ThreadSnapshot>>,
+    ) -> Result<Response<Commands>, Status> {
+        self.collect(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn report_task_finish(
+        &self,
+        request: Request<ProfileTaskFinishReport>,
+    ) -> Result<Response<Commands>, Status> {
+        self.finish(request.into_inner()).await.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl compat::profile_task_server::ProfileTask for ProfileService {
+    async fn get_profile_task_commands(
+        &self,
+        request: Request<ProfileTaskCommandQuery>,
+    ) -> Result<Response<Commands>, Status> {
+        self.commands(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn collect_snapshot(
+        &self,
+        request: Request<Streaming<ThreadSnapshot>>,
+    ) -> Result<Response<Commands>, Status> {
+        self.collect(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn report_task_finish(
+        &self,
+        request: Request<ProfileTaskFinishReport>,
+    ) -> Result<Response<Commands>, Status> {
+        self.finish(request.into_inner()).await.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v3::ThreadStack;
+
+    fn snapshot() -> ThreadSnapshot {
+        ThreadSnapshot {
+            task_id: "t".into(),
+            trace_segment_id: "s".into(),
+            time: 1,
+            sequence: 0,
+            stack: Some(ThreadStack {
+                code_signatures: vec!["a".into(), "b".into()],
+            }),
+        }
+    }
+
+    #[test]
+    fn test_snapshot_validation_reasons() {
+        assert!(to_record(snapshot(), 2).is_ok());
+        let cases: [(fn(&mut ThreadSnapshot), &str); 5] = [
+            (|s| s.task_id.clear(), "empty_task_id"),
+            (|s| s.trace_segment_id.clear(), "empty_segment_id"),
+            (|s| s.sequence = -1, "negative_sequence"),
+            (|s| s.time = 0, "invalid_time"),
+            (
+                |s| s.stack.as_mut().unwrap().code_signatures.push("c".into()),
+                "stack_too_deep",
+            ),
+        ];
+        for (change, reason) in cases {
+            let mut s = snapshot();
+            change(&mut s);
+            assert_eq!(to_record(s, 2).unwrap_err(), reason);
+        }
+    }
+
+    #[test]
+    fn test_task_command_has_all_nine_args() {
+        let task = Task {
+            id: "t1".into(),
+            service: "svc".into(),
+            endpoint_name: "/slow".into(),
+            start_time: 10,
+            duration: 2,
+            min_duration_threshold: 100,
+            dump_period: 20,
+            max_sampling_count: 5,
+            create_time: 9,
+        };
+        let command = task_command(&task);
+        assert_eq!(command.command, "ProfileTaskQuery");
+        let args: HashMap<_, _> = command
+            .args
+            .iter()
+            .map(|a| (a.key.as_str(), a.value.as_str()))
+            .collect();
+        assert_eq!(args.len(), 9);
+        assert_eq!(args["TaskId"], "t1");
+        assert_eq!(args["EndpointName"], "/slow");
+        assert_eq!(args["Duration"], "2");
+        assert_eq!(args["MinDurationThreshold"], "100");
+        assert_eq!(args["DumpPeriod"], "20");
+        assert_eq!(args["MaxSamplingCount"], "5");
+        assert_eq!(args["StartTime"], "10");
+        assert_eq!(args["CreateTime"], "9");
+        assert!(uuid::Uuid::parse_str(args["SerialNumber"]).is_ok());
+    }
+}

@@ -1,0 +1,137 @@
+//! The handlers of `/api/v1`, `/healthz` and `/readyz`.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::actors::instances::ListServices;
+use crate::actors::task_by_id::GetTask;
+use crate::actors::task_registry::CreateTask;
+use crate::model::{now_ms, SegmentSummary, ServiceInstances, SnapshotRecord, Task, TaskLog};
+use crate::store::TaskFilter;
+use crate::tasks::NewTask;
+
+pub async fn create_task(
+    State(state): State<AppState>,
+    body: Result<Json<NewTask>, JsonRejection>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let Json(new_task) = body.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let task = state.handles.registry.send(CreateTask(new_task)).await??;
+    Ok((StatusCode::CREATED, Json(task)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskQuery {
+    service: Option<String>,
+    endpoint_name: Option<String>,
+}
+
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    query: Result<Query<TaskQuery>, QueryRejection>,
+) -> Result<Json<Vec<Task>>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let filter = TaskFilter {
+        service: query.service.filter(|s| !s.is_empty()),
+        endpoint_name: query.endpoint_name.filter(|s| !s.is_empty()),
+    };
+    Ok(Json(state.handles.store.list_tasks(&filter).await?))
+}
+
+async fn find_task(state: &AppState, id: &str) -> Result<Task, ApiError> {
+    state
+        .handles
+        .by_id
+        .send(GetTask { id: id.to_string() })
+        .await??
+        .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))
+}
+
+pub async fn get_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
+    Ok(Json(find_task(&state, &id).await?))
+}
+
+pub async fn task_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<TaskLog>>, ApiError> {
+    find_task(&state, &id).await?;
+    Ok(Json(state.handles.store.task_logs(&id).await?))
+}
+
+pub async fn task_segments(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SegmentSummary>>, ApiError> {
+    // Snapshots of a task this replica does not know are still stored; list them too.
+    Ok(Json(state.handles.store.task_segments(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    limit: Option<usize>,
+}
+
+pub async fn segment_snapshots(
+    State(state): State<AppState>,
+    Path(segment_id): Path<String>,
+    query: Result<Query<SnapshotQuery>, QueryRejection>,
+) -> Result<Json<Vec<SnapshotRecord>>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let limit = query
+        .limit
+        .unwrap_or(state.max_snapshots_per_response)
+        .min(state.max_snapshots_per_response);
+    Ok(Json(
+        state
+            .handles
+            .store
+            .segment_snapshots(&segment_id, limit)
+            .await?,
+    ))
+}
+
+pub async fn services(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<ServiceInstances>>, ApiError> {
+    Ok(Json(
+        state
+            .handles
+            .instances
+            .send(ListServices { now_ms: now_ms() })
+            .await?,
+    ))
+}
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let store = state.handles.store.kind();
+    match state.handles.store.ping().await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "store": store })),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "store": store, "error": error.to_string() })),
+        ),
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".to_string())
+}

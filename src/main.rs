@@ -1,0 +1,240 @@
+//! The `skysnap` binary: `serve` runs the backend, `task …` talks to a running one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use skysnap::cli::task::{self, Client, NewTaskArgs};
+use skysnap::config::Config;
+use skysnap::model::{Task, TaskLog};
+
+#[derive(Parser)]
+#[command(
+    name = "skysnap",
+    version,
+    about = "Apache SkyWalking thread-profiling backend"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the backend: agent gRPC, HTTP API, metrics.
+    Serve(ServeArgs),
+    /// Create and inspect profile tasks through a running skysnap's HTTP API.
+    Task(TaskArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// YAML config file; without it ./config/skysnap.yaml is read when present.
+    #[arg(long, env = "SKYSNAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides grpc.addr.
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// Overrides http.addr.
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Overrides metrics.addr.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Overrides store.kind.
+    #[arg(long)]
+    store_kind: Option<String>,
+    /// Overrides sqlite.path.
+    #[arg(long)]
+    sqlite_path: Option<String>,
+}
+
+#[derive(Args)]
+struct TaskArgs {
+    /// skysnap's HTTP address.
+    #[arg(
+        long,
+        env = "SKYSNAP_SERVER",
+        default_value = "http://127.0.0.1:12800",
+        global = true
+    )]
+    server: String,
+    /// Admin token, sent as `Authorization: Bearer <token>`.
+    #[arg(
+        long,
+        env = "SKYSNAP_AUTH_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: TaskCommand,
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Create a profile task.
+    Create {
+        #[arg(long)]
+        service: String,
+        /// Endpoint name exactly as the agent names the entry span (e.g. `/orders`).
+        #[arg(long)]
+        endpoint: String,
+        /// Epoch milliseconds; default now.
+        #[arg(long)]
+        start_time: Option<i64>,
+        /// Minutes, 1 to 15.
+        #[arg(long, default_value_t = 5)]
+        duration: i64,
+        /// Milliseconds a request must have run before its thread is dumped.
+        #[arg(long, default_value_t = 200)]
+        min_duration_threshold: i64,
+        /// Milliseconds between dumps, at least 10.
+        #[arg(long, default_value_t = 20)]
+        dump_period: i64,
+        /// Segments sampled per instance, 1 to 9.
+        #[arg(long, default_value_t = 5)]
+        max_sampling_count: i64,
+    },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Show one task.
+    Show { id: String },
+    /// Show a task's NOTIFIED / EXECUTION_FINISHED logs.
+    Logs { id: String },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKYSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<bool> {
+    let default_file = PathBuf::from("config/skysnap.yaml");
+    let config_path = args
+        .config
+        .or_else(|| default_file.exists().then_some(default_file));
+    // Flags are applied as their environment variables, so they are checked alike.
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    let flags = [
+        ("SKYSNAP_GRPC_ADDR", args.grpc_addr),
+        ("SKYSNAP_HTTP_ADDR", args.http_addr),
+        ("SKYSNAP_METRICS_ADDR", args.metrics_addr),
+        ("SKYSNAP_STORE_KIND", args.store_kind),
+        ("SKYSNAP_SQLITE_PATH", args.sqlite_path),
+    ];
+    for (variable, value) in flags {
+        if let Some(value) = value {
+            env.retain(|(name, _)| name != variable);
+            env.push((variable.to_string(), value));
+        }
+    }
+    let config = Config::load_with_env(config_path.as_deref(), &env)?;
+    if let Some(path) = &config_path {
+        tracing::info!(config = %path.display(), "configuration read");
+    }
+    skysnap::server::run(config)
+}
+
+async fn run_task(args: TaskArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.server, args.token);
+    let output = match args.command {
+        TaskCommand::Create {
+            service,
+            endpoint,
+            start_time,
+            duration,
+            min_duration_threshold,
+            dump_period,
+            max_sampling_count,
+        } => {
+            let body = task::create_body(&NewTaskArgs {
+                service,
+                endpoint,
+                start_time_opt: start_time,
+                duration,
+                min_duration_threshold,
+                dump_period,
+                max_sampling_count,
+            });
+            let value = client.create(body).await?;
+            render(&value, args.json, |v| {
+                Ok(task::task_detail(&serde_json::from_value::<Task>(v)?))
+            })?
+        }
+        TaskCommand::List { service, endpoint } => {
+            let value = client.list(service.as_deref(), endpoint.as_deref()).await?;
+            render(&value, args.json, |v| {
+                Ok(task::tasks_table(&serde_json::from_value::<Vec<Task>>(v)?))
+            })?
+        }
+        TaskCommand::Show { id } => {
+            let value = client.show(&id).await?;
+            render(&value, args.json, |v| {
+                Ok(task::task_detail(&serde_json::from_value::<Task>(v)?))
+            })?
+        }
+        TaskCommand::Logs { id } => {
+            let value = client.logs(&id).await?;
+            render(&value, args.json, |v| {
+                Ok(task::logs_table(&serde_json::from_value::<Vec<TaskLog>>(
+                    v,
+                )?))
+            })?
+        }
+    };
+    println!("{output}");
+    Ok(())
+}
+
+fn render(
+    value: &Value,
+    json: bool,
+    table: impl FnOnce(Value) -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    if json {
+        return Ok(serde_json::to_string_pretty(value)?);
+    }
+    table(value.clone())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).map(|clean| {
+            if !clean {
+                tracing::error!("shutdown was not clean: see the errors above");
+            }
+            clean
+        }),
+        Command::Task(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(run_task(args)))
+            .map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("skysnap: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Prometheus metrics: names, help texts and the small helpers the code records with.
+//! Labels only ever take values from fixed sets (reasons, sinks, operations), never
+//! task, segment or instance ids.
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SNAPSHOTS_RECEIVED: &str = "skysnap_snapshots_received_total";
+pub const SNAPSHOTS_COMMITTED: &str = "skysnap_snapshots_committed_total";
+pub const SNAPSHOTS_REJECTED: &str = "skysnap_snapshots_rejected_total";
+pub const SNAPSHOTS_REFUSED: &str = "skysnap_snapshots_refused_total";
+pub const SNAPSHOTS_UNKNOWN_TASK: &str = "skysnap_snapshots_unknown_task_total";
+pub const STREAMS_ACTIVE: &str = "skysnap_grpc_streams_active";
+pub const STREAMS_FAILED: &str = "skysnap_grpc_streams_failed_total";
+pub const GRPC_UNAUTHENTICATED: &str = "skysnap_grpc_unauthenticated_total";
+pub const DISCARDED_MESSAGES: &str = "skysnap_discarded_messages_total";
+pub const BATCHES_FLUSHED: &str = "skysnap_batches_flushed_total";
+pub const BATCH_SIZE: &str = "skysnap_batch_size_snapshots";
+pub const BATCH_FLUSH_DURATION: &str = "skysnap_batch_flush_duration_seconds";
+pub const SINK_ERRORS: &str = "skysnap_sink_errors_total";
+pub const SINK_RETRIES: &str = "skysnap_sink_retries_total";
+pub const TASKS_NOTIFIED: &str = "skysnap_tasks_notified_total";
+pub const TASK_LOGS_WRITTEN: &str = "skysnap_task_logs_written_total";
+pub const TASK_LOGS_DROPPED: &str = "skysnap_task_logs_dropped_total";
+pub const TASK_FINISH_UNKNOWN: &str = "skysnap_task_finish_unknown_total";
+pub const TASK_CACHE_LOOKUPS: &str = "skysnap_task_cache_lookups_total";
+pub const TASK_CACHE_SIZE: &str = "skysnap_task_cache_entries";
+pub const TASKS_CREATED: &str = "skysnap_tasks_created_total";
+
+/// Installs the global recorder; the returned handle renders `/metrics`.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_FLUSH_DURATION.to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_SIZE.to_string()),
+            &[
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    gauge!("skysnap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        SNAPSHOTS_RECEIVED,
+        Unit::Count,
+        "Thread snapshots decoded from agent streams"
+    );
+    describe_counter!(
+        SNAPSHOTS_COMMITTED,
+        Unit::Count,
+        "Snapshots committed to every configured sink"
+    );
+    describe_counter!(
+        SNAPSHOTS_REJECTED,
+        Unit::Count,
+        "Snapshots refused as invalid, by reason"
+    );
+    describe_counter!(
+        SNAPSHOTS_REFUSED,
+        Unit::Count,
+        "Valid snapshots not committed (their stream got UNAVAILABLE), by reason"
+    );
+    describe_counter!(
+        SNAPSHOTS_UNKNOWN_TASK,
+        Unit::Count,
+        "Snapshots stored although their task id was unknown to this replica"
+    );
+    describe_gauge!(
+        STREAMS_ACTIVE,
+        Unit::Count,
+        "collectSnapshot streams open now"
+    );
+    describe_counter!(
+        STREAMS_FAILED,
+        Unit::Count,
+        "collectSnapshot streams that ended with an error, by gRPC code"
+    );
+    describe_counter!(
+        GRPC_UNAUTHENTICATED,
+        Unit::Count,
+        "gRPC calls refused for a missing or wrong agent token"
+    );
+    describe_counter!(
+        DISCARDED_MESSAGES,
+        Unit::Count,
+        "Agent messages accepted and dropped (segments, logs, meters, ...), by service"
+    );
+    describe_counter!(
+        BATCHES_FLUSHED,
+        Unit::Count,
+        "Shard batches closed, by reason"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Snapshots per flushed batch");
+    describe_histogram!(
+        BATCH_FLUSH_DURATION,
+        Unit::Seconds,
+        "Time to commit one batch to a sink, retries included"
+    );
+    describe_counter!(
+        SINK_ERRORS,
+        Unit::Count,
+        "Failed sink writes, by sink and retriable"
+    );
+    describe_counter!(SINK_RETRIES, Unit::Count, "Sink writes retried, by sink");
+    describe_counter!(
+        TASKS_NOTIFIED,
+        Unit::Count,
+        "ProfileTaskQuery commands handed to agents"
+    );
+    describe_counter!(
+        TASK_LOGS_WRITTEN,
+        Unit::Count,
+        "Task log rows written, by operation"
+    );
+    describe_counter!(
+        TASK_LOGS_DROPPED,
+        Unit::Count,
+        "Task log rows given up after the store stayed down"
+    );
+    describe_counter!(
+        TASK_FINISH_UNKNOWN,
+        Unit::Count,
+        "reportTaskFinish calls for a task id no store knows"
+    );
+    describe_counter!(
+        TASK_CACHE_LOOKUPS,
+        Unit::Count,
+        "Task cache lookups, by cache and result"
+    );
+    describe_gauge!(
+        TASK_CACHE_SIZE,
+        Unit::Count,
+        "Entries in the task caches, by cache"
+    );
+    describe_counter!(
+        TASKS_CREATED,
+        Unit::Count,
+        "Profile tasks created through this replica"
+    );
+}
+
+pub fn snapshot_rejected(reason: &'static str) {
+    counter!(SNAPSHOTS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn snapshots_refused(reason: &'static str, count: usize) {
+    counter!(SNAPSHOTS_REFUSED, "reason" => reason).increment(count as u64);
+}
+
+pub fn sink_error(sink: &'static str, retriable: bool) {
+    let retriable = if retriable { "true" } else { "false" };
+    counter!(SINK_ERRORS, "sink" => sink, "retriable" => retriable).increment(1);
+}
+
+pub fn sink_retry(sink: &'static str) {
+    counter!(SINK_RETRIES, "sink" => sink).increment(1);
+}
+
+pub fn cache_lookup(cache: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!(TASK_CACHE_LOOKUPS, "cache" => cache, "result" => result).increment(1);
+}
+
+pub fn cache_size(cache: &'static str, entries: usize) {
+    gauge!(TASK_CACHE_SIZE, "cache" => cache).set(entries as f64);
+}
+
+pub fn batch_closed(reason: &'static str) {
+    counter!(BATCHES_FLUSHED, "reason" => reason).increment(1);
+}
+
+pub fn batch_written(sink: &'static str, size: usize, seconds: f64) {
+    histogram!(BATCH_SIZE, "sink" => sink).record(size as f64);
+    histogram!(BATCH_FLUSH_DURATION, "sink" => sink).record(seconds);
+}

@@ -1,0 +1,252 @@
+//! The records skysnap keeps: profile tasks, their lifecycle logs and thread snapshots,
+//! with the time buckets that retention works on (SPEC §4).
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds in one minute, the unit of a task's `duration`.
+pub const MINUTE_MS: i64 = 60_000;
+
+/// A profile task: "profile endpoint E of service S for D minutes".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub service: String,
+    pub endpoint_name: String,
+    /// Epoch milliseconds at which agents start profiling.
+    pub start_time: i64,
+    /// Minutes the task runs.
+    pub duration: i32,
+    /// Milliseconds a request must already have run before its thread is dumped.
+    pub min_duration_threshold: i32,
+    /// Milliseconds between two dumps of one thread.
+    pub dump_period: i32,
+    /// Segments an agent instance samples at most for this task.
+    pub max_sampling_count: i32,
+    /// Epoch milliseconds of creation; agents poll with the newest one they know.
+    pub create_time: i64,
+}
+
+impl Task {
+    /// Epoch milliseconds at which the task stops profiling.
+    pub fn end_time(&self) -> i64 {
+        self.start_time + i64::from(self.duration) * MINUTE_MS
+    }
+
+    /// Whether `[start, end]` of the two tasks share an instant (SkyWalking treats a
+    /// task that ends exactly when the next starts as overlapping).
+    pub fn overlaps(&self, start_time: i64, end_time: i64) -> bool {
+        self.start_time <= end_time && self.end_time() >= start_time
+    }
+
+    /// Minute bucket of `start_time`, the task row's time bucket.
+    pub fn time_bucket(&self) -> i64 {
+        minute_bucket(self.start_time)
+    }
+
+    /// Second bucket of the task's end, shared by its log rows so that they expire with it.
+    pub fn log_time_bucket(&self) -> i64 {
+        second_bucket(self.end_time())
+    }
+}
+
+/// What an agent instance did with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Operation {
+    /// The task was handed to the instance in a `ProfileTaskQuery` command.
+    Notified = 1,
+    /// The instance reported that it finished the task.
+    ExecutionFinished = 2,
+}
+
+impl Operation {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Notified => "NOTIFIED",
+            Operation::ExecutionFinished => "EXECUTION_FINISHED",
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Operation> {
+        match code {
+            1 => Some(Operation::Notified),
+            2 => Some(Operation::ExecutionFinished),
+            _ => None,
+        }
+    }
+}
+
+/// One lifecycle event of a task on one agent instance; keyed by (task, instance, operation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLog {
+    pub task_id: String,
+    pub service: String,
+    pub instance: String,
+    pub operation: Operation,
+    /// Epoch milliseconds at which skysnap saw the event.
+    pub operation_time: i64,
+    /// Second bucket of the task's end (`Task::log_time_bucket`).
+    pub time_bucket: i64,
+}
+
+impl TaskLog {
+    pub fn new(task: &Task, instance: &str, operation: Operation, operation_time: i64) -> TaskLog {
+        TaskLog {
+            task_id: task.id.clone(),
+            service: task.service.clone(),
+            instance: instance.to_string(),
+            operation,
+            operation_time,
+            time_bucket: task.log_time_bucket(),
+        }
+    }
+
+    /// The log's identity: one row per key in every store.
+    pub fn key(&self) -> TaskLogKey {
+        (self.task_id.clone(), self.instance.clone(), self.operation)
+    }
+}
+
+/// (task id, instance, operation).
+pub type TaskLogKey = (String, String, Operation);
+
+/// One thread dump of a profiled segment; keyed by (task, segment, sequence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub task_id: String,
+    pub segment_id: String,
+    pub sequence: i32,
+    /// Epoch milliseconds of the dump.
+    pub dump_time: i64,
+    /// Frames, root first, as formatted by the agent.
+    pub stack: Vec<String>,
+}
+
+impl SnapshotRecord {
+    /// Second bucket of the dump time, the row's time bucket.
+    pub fn time_bucket(&self) -> i64 {
+        second_bucket(self.dump_time)
+    }
+
+    /// Approximate bytes the record holds, for batch byte limits.
+    pub fn approximate_bytes(&self) -> usize {
+        self.task_id.len()
+            + self.segment_id.len()
+            + 16
+            + self
+                .stack
+                .iter()
+                .map(|frame| frame.len() + 8)
+                .sum::<usize>()
+    }
+}
+
+/// A profiled segment of a task, as listed by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentSummary {
+    pub segment_id: String,
+    pub snapshot_count: i64,
+    pub first_dump_time: i64,
+    pub last_dump_time: i64,
+}
+
+/// A service and the agent instances that reported to this replica lately.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInstances {
+    pub service: String,
+    pub instances: Vec<InstanceInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub name: String,
+    /// Epoch milliseconds of the last `keepAlive` or `reportInstanceProperties`.
+    pub last_seen: i64,
+    pub layer: String,
+    /// Properties from `reportInstanceProperties` (language, host name, …).
+    pub properties: Vec<(String, String)>,
+}
+
+/// Epoch milliseconds now.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn utc(epoch_ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(epoch_ms).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// `yyyyMMddHHmm` in UTC, SkyWalking's minute time bucket.
+pub fn minute_bucket(epoch_ms: i64) -> i64 {
+    let t = utc(epoch_ms);
+    i64::from(t.year()) * 100_000_000
+        + i64::from(t.month()) * 1_000_000
+        + i64::from(t.day()) * 10_000
+        + i64::from(t.hour()) * 100
+        + i64::from(t.minute())
+}
+
+/// `yyyyMMddHHmmss` in UTC, SkyWalking's second time bucket.
+pub fn second_bucket(epoch_ms: i64) -> i64 {
+    minute_bucket(epoch_ms) * 100 + i64::from(utc(epoch_ms).second())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(start_time: i64, duration: i32) -> Task {
+        Task {
+            id: "t".into(),
+            service: "s".into(),
+            endpoint_name: "/e".into(),
+            start_time,
+            duration,
+            min_duration_threshold: 0,
+            dump_period: 10,
+            max_sampling_count: 5,
+            create_time: start_time,
+        }
+    }
+
+    #[test]
+    fn test_time_bucket_minute_and_second() {
+        // 2026-11-25T19:32:37.123Z
+        let ms = 1_795_635_157_123;
+        assert_eq!(minute_bucket(ms), 202611251932);
+        assert_eq!(second_bucket(ms), 20261125193237);
+        assert_eq!(minute_bucket(0), 197001010000);
+    }
+
+    #[test]
+    fn test_time_bucket_log_aligned_with_task_end() {
+        let t = task(1_795_635_157_123, 5);
+        assert_eq!(t.time_bucket(), 202611251932);
+        assert_eq!(t.log_time_bucket(), 20261125193737);
+        let log = TaskLog::new(&t, "i", Operation::Notified, 1);
+        assert_eq!(log.time_bucket, t.log_time_bucket());
+    }
+
+    #[test]
+    fn test_task_overlap_is_inclusive() {
+        let t = task(0, 1);
+        assert!(t.overlaps(60_000, 120_000));
+        assert!(!t.overlaps(60_001, 120_000));
+        assert!(t.overlaps(-10, 0));
+        assert!(!t.overlaps(-10, -1));
+    }
+
+    #[test]
+    fn test_operation_codes_round_trip() {
+        for op in [Operation::Notified, Operation::ExecutionFinished] {
+            assert_eq!(Operation::from_code(i64::from(op.code())), Some(op));
+        }
+        assert_eq!(Operation::from_code(3), None);
+        assert_eq!(Operation::Notified.name(), "NOTIFIED");
+    }
+}

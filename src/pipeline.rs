@@ -1,0 +1,177 @@
+//! Wires the actors sink-first: sinks, then the shards that write to them (one per
+//! Arbiter thread), then the caches, the registry and the log writer. The handles are
+//! what the gRPC and HTTP layers talk to; `drain` is the shutdown flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::actors::instances::InstanceRegistry;
+use crate::actors::shard::{BatchLimits, CloseReason, Flush, SnapshotShard};
+use crate::actors::sink::retry::RetryPolicy;
+use crate::actors::sink::store::StoreSink;
+use crate::actors::sink::SnapshotSink;
+use crate::actors::task_by_id::TaskByIdCache;
+use crate::actors::task_cache::{Refresh, TaskCacheActor};
+use crate::actors::task_log::{FlushLogs, TaskLogWriter};
+use crate::actors::task_registry::TaskRegistry;
+use crate::config::Config;
+use crate::store::Store;
+
+/// Addresses of the running actors, cloned into every request handler.
+#[derive(Clone)]
+pub struct Handles {
+    pub shards: Arc<[Addr<SnapshotShard>]>,
+    pub task_cache: Addr<TaskCacheActor>,
+    pub by_id: Addr<TaskByIdCache>,
+    pub task_log: Addr<TaskLogWriter>,
+    pub registry: Addr<TaskRegistry>,
+    pub instances: Addr<InstanceRegistry>,
+    pub store: Arc<dyn Store>,
+}
+
+/// The running pipeline: the handles plus the threads its actors live on.
+pub struct Pipeline {
+    pub handles: Handles,
+    arbiters: Vec<Arbiter>,
+}
+
+impl Pipeline {
+    /// Starts every actor; must run inside an actix `System`. `sinks` is where shards
+    /// commit batches (the store, plus Kafka or a null sink where configured).
+    pub fn spawn(
+        config: &Config,
+        store: Arc<dyn Store>,
+        sinks: Vec<Arc<dyn SnapshotSink>>,
+    ) -> Pipeline {
+        let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(sinks);
+        let limits = BatchLimits {
+            max_snapshots: config.pipeline.batch_max_snapshots,
+            max_bytes: config.pipeline.batch_max_bytes,
+            flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms),
+        };
+        let retry = RetryPolicy::from_config(&config.sink);
+        let mut arbiters = Vec::new();
+        let mut shards = Vec::new();
+        for _ in 0..config.shard_count() {
+            let arbiter = Arbiter::new();
+            let (sinks, limits, retry) = (sinks.clone(), limits.clone(), retry.clone());
+            let capacity = config.pipeline.shard_mailbox_capacity;
+            shards.push(SnapshotShard::start_in_arbiter(
+                &arbiter.handle(),
+                move |_ctx| SnapshotShard::new(sinks, limits, retry, capacity),
+            ));
+            arbiters.push(arbiter);
+        }
+
+        // The caches, registry and log writer are light; they share one thread.
+        let control = Arbiter::new();
+        let tasks = config.tasks.clone();
+        let cache_store = store.clone();
+        let task_cache = TaskCacheActor::start_in_arbiter(&control.handle(), move |_ctx| {
+            TaskCacheActor::new(
+                cache_store,
+                Duration::from_millis(tasks.cache_refresh_interval_ms),
+                Duration::from_millis(tasks.cache_expire_ms),
+                tasks.cache_max_services,
+            )
+        });
+        let by_id_store = store.clone();
+        let by_id_size = config.tasks.by_id_cache_size;
+        let by_id = TaskByIdCache::start_in_arbiter(&control.handle(), move |_ctx| {
+            TaskByIdCache::new(by_id_store, by_id_size)
+        });
+        let log_store = store.clone();
+        let tasks = config.tasks.clone();
+        let task_log = TaskLogWriter::start_in_arbiter(&control.handle(), move |_ctx| {
+            TaskLogWriter::new(
+                log_store,
+                Duration::from_millis(tasks.log_flush_interval_ms),
+                tasks.log_dedup_capacity,
+            )
+        });
+        let registry_store = store.clone();
+        let (registry_cache, registry_by_id) = (task_cache.clone(), by_id.clone());
+        let registry = TaskRegistry::start_in_arbiter(&control.handle(), move |_ctx| {
+            TaskRegistry::new(registry_store, registry_cache, registry_by_id)
+        });
+        let instances_config = config.instances.clone();
+        let instances = InstanceRegistry::start_in_arbiter(&control.handle(), move |_ctx| {
+            InstanceRegistry::new(
+                instances_config.live_window_ms,
+                instances_config.max_instances,
+            )
+        });
+        arbiters.push(control);
+
+        Pipeline {
+            handles: Handles {
+                shards: Arc::from(shards),
+                task_cache,
+                by_id,
+                task_log,
+                registry,
+                instances,
+                store,
+            },
+            arbiters,
+        }
+    }
+
+    /// Loads the downstream cache before agents are served, so a restarted replica
+    /// hands out running tasks at once.
+    pub async fn warm_up(&self) {
+        match self.handles.task_cache.send(Refresh).await {
+            Ok(Ok(loaded)) => tracing::info!(tasks = loaded, "task cache loaded"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "task cache not loaded; retrying on its timer")
+            }
+            Err(error) => tracing::warn!(%error, "task cache actor unreachable"),
+        }
+    }
+
+    /// Commits every open batch and pending task log, then stops the actor threads.
+    /// Call after the servers stopped accepting.
+    pub async fn drain(self) -> bool {
+        let mut clean = true;
+        for (index, shard) in self.handles.shards.iter().enumerate() {
+            match shard
+                .send(Flush {
+                    reason: CloseReason::Shutdown,
+                })
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(shard = index, %error, "final flush failed");
+                    clean = false;
+                }
+                Err(error) => {
+                    tracing::error!(shard = index, %error, "shard unreachable at shutdown");
+                    clean = false;
+                }
+            }
+        }
+        match self.handles.task_log.send(FlushLogs).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "final task log flush failed");
+                clean = false;
+            }
+            Err(error) => {
+                tracing::error!(%error, "task log writer unreachable at shutdown");
+                clean = false;
+            }
+        }
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        clean
+    }
+}
+
+/// The sinks of a configuration, store first.
+pub fn sinks_for(store: Arc<dyn Store>) -> Vec<Arc<dyn SnapshotSink>> {
+    vec![Arc::new(StoreSink::new(store))]
+}

@@ -1,0 +1,70 @@
+//! The storage interface the pipeline, caches and API use, and its implementations.
+//! SQLite is the embedded default; ClickHouse slots in behind the same trait.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::model::{SegmentSummary, SnapshotRecord, Task, TaskLog};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or was busy; the same call may succeed later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the data or the query; retrying will not help.
+    #[error("store rejected the request: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Filters of the task list.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub service: Option<String>,
+    pub endpoint_name: Option<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs and metric labels.
+    fn kind(&self) -> &'static str;
+
+    /// Whether the store answers at all (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError>;
+    async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError>;
+    /// Tasks matching the filter, newest `create_time` first.
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>, StoreError>;
+    /// Tasks of the service whose `[start, end]` shares an instant with the given one.
+    async fn overlapping_tasks(
+        &self,
+        service: &str,
+        start_time: i64,
+        end_time: i64,
+    ) -> Result<Vec<Task>, StoreError>;
+    /// Tasks whose end is at or after `now_ms`, for the downstream cache.
+    async fn unfinished_tasks(&self, now_ms: i64) -> Result<Vec<Task>, StoreError>;
+
+    /// Writes logs; a log whose key is already stored is skipped.
+    async fn insert_task_logs(&self, logs: &[TaskLog]) -> Result<(), StoreError>;
+    /// Logs of a task, oldest first.
+    async fn task_logs(&self, task_id: &str) -> Result<Vec<TaskLog>, StoreError>;
+
+    /// Writes snapshots in one commit; a snapshot whose key is already stored is skipped.
+    async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError>;
+    /// Profiled segments of a task, by first dump time.
+    async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError>;
+    /// Snapshots of a segment in sequence order, at most `limit`.
+    async fn segment_snapshots(
+        &self,
+        segment_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError>;
+}

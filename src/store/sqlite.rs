@@ -1,0 +1,576 @@
+//! The embedded store: one SQLite file in WAL mode. Writes go through one connection,
+//! reads through a small pool, and every call runs on a blocking thread so that no
+//! async thread waits on the disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use super::{Store, StoreError, TaskFilter};
+use crate::model::{Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
+
+/// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
+/// them and `json_each` can query them.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS profile_task (
+    id                     TEXT PRIMARY KEY,
+    service                TEXT NOT NULL,
+    endpoint_name          TEXT NOT NULL,
+    start_time             INTEGER NOT NULL,
+    duration               INTEGER NOT NULL,
+    min_duration_threshold INTEGER NOT NULL,
+    dump_period            INTEGER NOT NULL,
+    max_sampling_count     INTEGER NOT NULL,
+    create_time            INTEGER NOT NULL,
+    end_time               INTEGER NOT NULL,
+    time_bucket            INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS profile_task_by_service ON profile_task (service, start_time);
+CREATE INDEX IF NOT EXISTS profile_task_by_end ON profile_task (end_time);
+
+CREATE TABLE IF NOT EXISTS profile_task_log (
+    task_id        TEXT NOT NULL,
+    instance       TEXT NOT NULL,
+    operation      INTEGER NOT NULL,
+    operation_name TEXT NOT NULL,
+    service        TEXT NOT NULL,
+    operation_time INTEGER NOT NULL,
+    time_bucket    INTEGER NOT NULL,
+    PRIMARY KEY (task_id, instance, operation)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS profile_thread_snapshot (
+    task_id     TEXT NOT NULL,
+    segment_id  TEXT NOT NULL,
+    sequence    INTEGER NOT NULL,
+    dump_time   INTEGER NOT NULL,
+    time_bucket INTEGER NOT NULL,
+    stack       TEXT NOT NULL,
+    PRIMARY KEY (task_id, segment_id, sequence)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_segment
+    ON profile_thread_snapshot (segment_id, sequence);
+CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_bucket
+    ON profile_thread_snapshot (time_bucket);
+";
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    /// Round-robin start for picking a reader.
+    next_reader: AtomicUsize,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let connection = Connection::open(path).map_err(|error| map_error(&error))?;
+    connection
+        .busy_timeout(Duration::from_secs(5))
+        .map_err(|error| map_error(&error))?;
+    // WAL lets the API read while a batch commits; NORMAL sync keeps every committed
+    // transaction across a process crash (only an OS crash can lose the newest ones).
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF;",
+        )
+        .map_err(|error| map_error(&error))?;
+    Ok(connection)
+}
+
+/// Locked/busy/IO failures may pass; everything else is a final refusal.
+fn map_error(error: &rusqlite::Error) -> StoreError {
+    let retriable = match error {
+        rusqlite::Error::SqliteFailure(failure, _) => matches!(
+            failure.code,
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory
+        ),
+        _ => false,
+    };
+    if retriable {
+        StoreError::Unavailable(format!("sqlite: {error}"))
+    } else {
+        StoreError::Rejected(format!("sqlite: {error}"))
+    }
+}
+
+fn lock(connection: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // A panic while holding the lock cannot leave a half-written transaction behind
+    // (rusqlite rolls back on drop), so the connection stays usable.
+    connection
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file and its folder, and the schema.
+    pub fn open(path: &Path, read_connections: usize) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                StoreError::Rejected(format!(
+                    "cannot create folder {}: {error}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let writer = open_connection(path)?;
+        writer
+            .execute_batch(SCHEMA)
+            .map_err(|error| map_error(&error))?;
+        let readers = (0..read_connections.max(1))
+            .map(|_| open_connection(path).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(readers),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = lock(&writer);
+            work(&mut connection).map_err(|error| map_error(&error))
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("sqlite writer thread failed: {error}")))?
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            // Take the first free reader from a rotating start; wait on one if all are busy.
+            let count = readers.len();
+            for offset in 0..count {
+                if let Ok(connection) = readers[(start + offset) % count].try_lock() {
+                    return work(&connection).map_err(|error| map_error(&error));
+                }
+            }
+            let connection = lock(&readers[start % count]);
+            work(&connection).map_err(|error| map_error(&error))
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("sqlite reader thread failed: {error}")))?
+    }
+}
+
+const TASK_COLUMNS: &str = "id, service, endpoint_name, start_time, duration, \
+    min_duration_threshold, dump_period, max_sampling_count, create_time";
+
+fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Task> {
+    Ok(Task {
+        id: row.get(0)?,
+        service: row.get(1)?,
+        endpoint_name: row.get(2)?,
+        start_time: row.get(3)?,
+        duration: row.get(4)?,
+        min_duration_threshold: row.get(5)?,
+        dump_period: row.get(6)?,
+        max_sampling_count: row.get(7)?,
+        create_time: row.get(8)?,
+    })
+}
+
+fn query_tasks(
+    connection: &Connection,
+    sql: &str,
+    parameters: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<Vec<Task>> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let rows = statement.query_map(parameters, task_from_row)?;
+    rows.collect()
+}
+
+fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+    let stack_json: String = row.get(4)?;
+    let stack: Vec<String> = serde_json::from_str(&stack_json).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(error))
+    })?;
+    Ok(SnapshotRecord {
+        task_id: row.get(0)?,
+        segment_id: row.get(1)?,
+        sequence: row.get(2)?,
+        dump_time: row.get(3)?,
+        stack,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|connection| connection.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        let task = task.clone();
+        self.write(move |connection| {
+            connection.execute(
+                "INSERT INTO profile_task (id, service, endpoint_name, start_time, duration, \
+                 min_duration_threshold, dump_period, max_sampling_count, create_time, end_time, \
+                 time_bucket) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    task.id,
+                    task.service,
+                    task.endpoint_name,
+                    task.start_time,
+                    task.duration,
+                    task.min_duration_threshold,
+                    task.dump_period,
+                    task.max_sampling_count,
+                    task.create_time,
+                    task.end_time(),
+                    task.time_bucket(),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let id = id.to_string();
+        self.read(move |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT {TASK_COLUMNS} FROM profile_task WHERE id = ?1"
+                ))?
+                .query_row([id], task_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |connection| {
+            query_tasks(
+                connection,
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM profile_task \
+                     WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR endpoint_name = ?2) \
+                     ORDER BY create_time DESC, id"
+                ),
+                &[&filter.service, &filter.endpoint_name],
+            )
+        })
+        .await
+    }
+
+    async fn overlapping_tasks(
+        &self,
+        service: &str,
+        start_time: i64,
+        end_time: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        let service = service.to_string();
+        self.read(move |connection| {
+            query_tasks(
+                connection,
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM profile_task \
+                     WHERE service = ?1 AND start_time <= ?3 AND end_time >= ?2"
+                ),
+                &[&service, &start_time, &end_time],
+            )
+        })
+        .await
+    }
+
+    async fn unfinished_tasks(&self, now_ms: i64) -> Result<Vec<Task>, StoreError> {
+        self.read(move |connection| {
+            query_tasks(
+                connection,
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM profile_task WHERE end_time >= ?1 \
+                     ORDER BY service, create_time"
+                ),
+                &[&now_ms],
+            )
+        })
+        .await
+    }
+
+    async fn insert_task_logs(&self, logs: &[TaskLog]) -> Result<(), StoreError> {
+        let logs = logs.to_vec();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            {
+                let mut statement = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO profile_task_log (task_id, instance, operation, \
+                     operation_name, service, operation_time, time_bucket) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for log in &logs {
+                    statement.execute(params![
+                        log.task_id,
+                        log.instance,
+                        log.operation.code(),
+                        log.operation.name(),
+                        log.service,
+                        log.operation_time,
+                        log.time_bucket,
+                    ])?;
+                }
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
+    async fn task_logs(&self, task_id: &str) -> Result<Vec<TaskLog>, StoreError> {
+        let task_id = task_id.to_string();
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT task_id, service, instance, operation, operation_time, time_bucket \
+                 FROM profile_task_log WHERE task_id = ?1 ORDER BY operation_time, instance, operation",
+            )?;
+            let rows = statement.query_map([task_id], |row| {
+                let code: i64 = row.get(3)?;
+                let operation = Operation::from_code(code).ok_or_else(|| {
+                    rusqlite::Error::IntegralValueOutOfRange(3, code)
+                })?;
+                Ok(TaskLog {
+                    task_id: row.get(0)?,
+                    service: row.get(1)?,
+                    instance: row.get(2)?,
+                    operation,
+                    operation_time: row.get(4)?,
+                    time_bucket: row.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError> {
+        // Encode outside the writer lock: only the inserts hold it.
+        let rows: Vec<(SnapshotRecord, String)> = snapshots
+            .iter()
+            .map(|snapshot| {
+                let stack = serde_json::to_string(&snapshot.stack).expect("strings serialise");
+                (snapshot.clone(), stack)
+            })
+            .collect();
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            {
+                let mut statement = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO profile_thread_snapshot \
+                     (task_id, segment_id, sequence, dump_time, time_bucket, stack) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (snapshot, stack) in &rows {
+                    statement.execute(params![
+                        snapshot.task_id,
+                        snapshot.segment_id,
+                        snapshot.sequence,
+                        snapshot.dump_time,
+                        snapshot.time_bucket(),
+                        stack,
+                    ])?;
+                }
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
+    async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError> {
+        let task_id = task_id.to_string();
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT segment_id, COUNT(*), MIN(dump_time), MAX(dump_time) \
+                 FROM profile_thread_snapshot WHERE task_id = ?1 \
+                 GROUP BY segment_id ORDER BY MIN(dump_time), segment_id",
+            )?;
+            let rows = statement.query_map([task_id], |row| {
+                Ok(SegmentSummary {
+                    segment_id: row.get(0)?,
+                    snapshot_count: row.get(1)?,
+                    first_dump_time: row.get(2)?,
+                    last_dump_time: row.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn segment_snapshots(
+        &self,
+        segment_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let segment_id = segment_id.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT task_id, segment_id, sequence, dump_time, stack \
+                 FROM profile_thread_snapshot WHERE segment_id = ?1 \
+                 ORDER BY sequence, task_id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![segment_id, limit], snapshot_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("sub/skysnap.db"), 2).unwrap();
+        (dir, store)
+    }
+
+    fn task(id: &str, service: &str, start_time: i64, create_time: i64) -> Task {
+        Task {
+            id: id.into(),
+            service: service.into(),
+            endpoint_name: "/e".into(),
+            start_time,
+            duration: 5,
+            min_duration_threshold: 0,
+            dump_period: 10,
+            max_sampling_count: 5,
+            create_time,
+        }
+    }
+
+    fn snapshot(task: &str, segment: &str, sequence: i32) -> SnapshotRecord {
+        SnapshotRecord {
+            task_id: task.into(),
+            segment_id: segment.into(),
+            sequence,
+            dump_time: 1_000 + i64::from(sequence),
+            stack: vec!["a.main:1".into(), format!("b.run:{sequence}")],
+        }
+    }
+
+    #[tokio::test]
+    async fn test_sqlite_snapshot_dedup_by_key() {
+        let (_dir, store) = store();
+        store
+            .insert_snapshots(&[
+                snapshot("t", "s", 0),
+                snapshot("t", "s", 1),
+                snapshot("t", "s", 1),
+            ])
+            .await
+            .unwrap();
+        store
+            .insert_snapshots(&[snapshot("t", "s", 0)])
+            .await
+            .unwrap();
+        let rows = store.segment_snapshots("s", 100).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[1].stack,
+            vec!["a.main:1".to_string(), "b.run:1".to_string()]
+        );
+        let segments = store.task_segments("t").await.unwrap();
+        assert_eq!(segments.len(), 1);
+        assert_eq!(segments[0].snapshot_count, 2);
+        assert_eq!(
+            (segments[0].first_dump_time, segments[0].last_dump_time),
+            (1_000, 1_001)
+        );
+    }
+
+    #[tokio::test]
+    async fn test_sqlite_task_log_dedup_by_key() {
+        let (_dir, store) = store();
+        let t = task("t", "svc", 1_000, 1_000);
+        let log = TaskLog::new(&t, "i1", Operation::Notified, 5);
+        store
+            .insert_task_logs(&[log.clone(), log.clone()])
+            .await
+            .unwrap();
+        store.insert_task_logs(&[log.clone()]).await.unwrap();
+        let finished = TaskLog::new(&t, "i1", Operation::ExecutionFinished, 6);
+        store.insert_task_logs(&[finished]).await.unwrap();
+        let logs = store.task_logs("t").await.unwrap();
+        assert_eq!(logs.len(), 2);
+        assert_eq!(logs[0], log);
+        assert_eq!(logs[1].operation, Operation::ExecutionFinished);
+    }
+
+    #[tokio::test]
+    async fn test_sqlite_task_queries() {
+        let (_dir, store) = store();
+        store.insert_task(&task("a", "svc", 0, 10)).await.unwrap();
+        store
+            .insert_task(&task("b", "svc", 600_000, 20))
+            .await
+            .unwrap();
+        store.insert_task(&task("c", "other", 0, 30)).await.unwrap();
+        assert!(store.insert_task(&task("a", "svc", 0, 10)).await.is_err());
+
+        let all = store.list_tasks(&TaskFilter::default()).await.unwrap();
+        let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["c", "b", "a"]);
+        let svc = store
+            .list_tasks(&TaskFilter {
+                service: Some("svc".into()),
+                endpoint_name: Some("/e".into()),
+            })
+            .await
+            .unwrap();
+        assert_eq!(svc.len(), 2);
+
+        assert_eq!(
+            store.get_task("b").await.unwrap().unwrap().start_time,
+            600_000
+        );
+        assert!(store.get_task("zz").await.unwrap().is_none());
+
+        // "a" runs [0, 300000]; "b" runs [600000, 900000].
+        let overlap = store
+            .overlapping_tasks("svc", 300_000, 400_000)
+            .await
+            .unwrap();
+        assert_eq!(overlap.len(), 1);
+        assert!(store
+            .overlapping_tasks("svc", 300_001, 599_999)
+            .await
+            .unwrap()
+            .is_empty());
+
+        let unfinished = store.unfinished_tasks(300_001).await.unwrap();
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].id, "b");
+        store.ping().await.unwrap();
+    }
+}

@@ -133,6 +133,9 @@ pub struct SqliteConfig {
     pub path: PathBuf,
     /// Connections kept open for API reads (writes use one connection of their own).
     pub read_connections: usize,
+    /// Milliseconds a call waits for a lock held by another process before it fails
+    /// (retriably, so batches are retried within the sink budget).
+    pub busy_timeout_ms: u64,
 }
 
 impl Default for SqliteConfig {
@@ -140,6 +143,7 @@ impl Default for SqliteConfig {
         SqliteConfig {
             path: PathBuf::from("./data/skysnap.db"),
             read_connections: 4,
+            busy_timeout_ms: 5_000,
         }
     }
 }

@@ -120,6 +120,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -216,11 +217,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).map(|clean| {
+        Command::Serve(args) => serve(args).inspect(|clean| {
             if !clean {
                 tracing::error!("shutdown was not clean: see the errors above");
             }
-            clean
         }),
         Command::Task(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -36,11 +36,12 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         StoreKind::Sqlite => {
             let path = config.sqlite.path.clone();
             let readers = config.sqlite.read_connections;
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, readers))
-                .await?
-                .with_context(|| {
-                    format!("cannot open sqlite.path {}", config.sqlite.path.display())
-                })?;
+            let busy_timeout = Duration::from_millis(config.sqlite.busy_timeout_ms);
+            let store = tokio::task::spawn_blocking(move || {
+                SqliteStore::open_with(&path, readers, busy_timeout)
+            })
+            .await?
+            .with_context(|| format!("cannot open sqlite.path {}", config.sqlite.path.display()))?;
             tracing::info!(path = %config.sqlite.path.display(), "sqlite store open");
             Ok(Arc::new(store))
         }
@@ -90,9 +91,20 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
     let metrics_addr = metrics_listener.local_addr()?;
     let grpc_config = config.clone();
     let grpc_handles = pipeline.handles.clone();
+    let in_flight = Arc::new(grpc::InFlight::default());
     let mut grpc_task = tokio::spawn({
         let stop = stop.clone();
-        async move { grpc::serve(&grpc_config, grpc_handles, grpc_listener, stopped(stop)).await }
+        let in_flight = in_flight.clone();
+        async move {
+            grpc::serve(
+                &grpc_config,
+                grpc_handles,
+                in_flight,
+                grpc_listener,
+                stopped(stop),
+            )
+            .await
+        }
     });
     let state = AppState {
         handles: pipeline.handles.clone(),
@@ -124,15 +136,25 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
         anyhow::bail!("gRPC server stopped unexpectedly");
     }
 
-    // Open streams may finish (their snapshots commit through the running shards);
-    // keep a quarter of the grace period for the final flush.
-    let streams_deadline = deadline - grace / 4;
-    match tokio::time::timeout_at(streams_deadline, &mut grpc_task).await {
-        Ok(result) => result??,
-        Err(_) => {
-            tracing::warn!("open streams did not finish within the grace period; cutting them");
-            grpc_task.abort();
-        }
+    // Open calls may finish (their snapshots commit through the running shards); keep
+    // a quarter of the grace period for the final flush. Agents keep their connections
+    // open, so wait for the calls, not for the connections.
+    let calls_deadline = deadline - grace / 4;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    if tokio::time::timeout_at(calls_deadline, in_flight.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            calls = in_flight.count(),
+            "open calls did not finish within the grace period; cutting them"
+        );
+    }
+    if tokio::time::timeout(Duration::from_millis(200), &mut grpc_task)
+        .await
+        .is_err()
+    {
+        grpc_task.abort();
     }
     let clean = match tokio::time::timeout_at(deadline, pipeline.drain()).await {
         Ok(clean) => clean,

@@ -3,7 +3,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::status;
+use std::sync::Arc;
+
+use super::{status, InFlight};
 use crate::actors::instances::Heartbeat;
 use crate::model::now_ms;
 use crate::pipeline::Handles;
@@ -12,14 +14,16 @@ use crate::proto::v3::{Commands, InstancePingPkg, InstanceProperties};
 
 pub struct ManagementHandler {
     handles: Handles,
+    in_flight: Arc<InFlight>,
 }
 
 impl ManagementHandler {
-    pub fn new(handles: Handles) -> ManagementHandler {
-        ManagementHandler { handles }
+    pub fn new(handles: Handles, in_flight: Arc<InFlight>) -> ManagementHandler {
+        ManagementHandler { handles, in_flight }
     }
 
     async fn heartbeat(&self, heartbeat: Heartbeat) -> Result<Response<Commands>, Status> {
+        let _call = self.in_flight.enter();
         if heartbeat.service.is_empty() || heartbeat.instance.is_empty() {
             return Err(Status::invalid_argument(
                 "service and serviceInstance must not be empty",

@@ -28,6 +28,52 @@ use crate::proto::v3::meter_report_service_server::MeterReportServiceServer;
 use crate::proto::v3::profile_task_server::ProfileTaskServer;
 use crate::proto::v3::trace_segment_report_service_server::TraceSegmentReportServiceServer;
 
+/// Calls being handled now. Shutdown waits for this to reach zero rather than for
+/// agents to close their connections, which they keep open for as long as they run.
+#[derive(Default)]
+pub struct InFlight {
+    calls: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by a handler for the length of one call.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no call is being handled.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .calls
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// SkyWalking agents send their token in this metadata key.
 pub const AUTH_METADATA_KEY: &str = "authentication";
 
@@ -64,17 +110,19 @@ pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-/// Serves every agent service on the listener until `shutdown` resolves, then lets
-/// open calls finish (no new streams are accepted).
+/// Serves every agent service on the listener until `shutdown` resolves; from then on
+/// no new connection or stream is accepted (open connections get GOAWAY).
 pub async fn serve(
     config: &Config,
     handles: Handles,
+    in_flight: Arc<InFlight>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let limit = config.grpc.max_message_bytes;
     let profile = profile::ProfileService::new(
         handles.clone(),
+        in_flight.clone(),
         config.grpc.max_stack_depth,
         config.pipeline.stream_chunk_snapshots,
     );
@@ -115,7 +163,7 @@ pub async fn serve(
             compat::profile_task_server::ProfileTaskServer::new(profile)
         ))
         .add_service(limited!(ManagementServiceServer::new(
-            management::ManagementHandler::new(handles)
+            management::ManagementHandler::new(handles, in_flight)
         )))
         .add_service(limited!(TraceSegmentReportServiceServer::new(
             discard::DiscardService

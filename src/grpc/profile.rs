@@ -2,11 +2,12 @@
 //! downstream cache, snapshot streams into the shards, finish reports into the log.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status;
+use super::{status, InFlight};
 use crate::actors::shard::{shard_for, Ingest};
 use crate::actors::task_by_id::GetTask;
 use crate::actors::task_cache::GetServiceTasks;
@@ -27,15 +28,22 @@ pub const PROFILE_TASK_COMMAND: &str = "ProfileTaskQuery";
 #[derive(Clone)]
 pub struct ProfileService {
     handles: Handles,
+    in_flight: Arc<InFlight>,
     max_stack_depth: usize,
     /// Snapshots sent to a shard in one message at most.
     chunk_snapshots: usize,
 }
 
 impl ProfileService {
-    pub fn new(handles: Handles, max_stack_depth: usize, chunk_snapshots: usize) -> ProfileService {
+    pub fn new(
+        handles: Handles,
+        in_flight: Arc<InFlight>,
+        max_stack_depth: usize,
+        chunk_snapshots: usize,
+    ) -> ProfileService {
         ProfileService {
             handles,
+            in_flight,
             max_stack_depth,
             chunk_snapshots,
         }
@@ -118,6 +126,7 @@ impl Drop for StreamGauge {
 
 impl ProfileService {
     async fn commands(&self, query: ProfileTaskCommandQuery) -> Result<Commands, Status> {
+        let _call = self.in_flight.enter();
         if query.service.is_empty() {
             return Err(Status::invalid_argument("service must not be empty"));
         }
@@ -148,6 +157,7 @@ impl ProfileService {
     }
 
     async fn collect(&self, stream: Streaming<ThreadSnapshot>) -> Result<Commands, Status> {
+        let _call = self.in_flight.enter();
         let _gauge = StreamGauge::open();
         let shards = self.handles.shards.clone();
         let mut by_shard: Vec<Vec<SnapshotRecord>> = vec![Vec::new(); shards.len()];
@@ -239,6 +249,7 @@ impl ProfileService {
     }
 
     async fn finish(&self, report: ProfileTaskFinishReport) -> Result<Commands, Status> {
+        let _call = self.in_flight.enter();
         let task = self
             .handles
             .by_id
@@ -359,7 +370,8 @@ mod tests {
     #[test]
     fn test_snapshot_validation_reasons() {
         assert!(to_record(snapshot(), 2).is_ok());
-        let cases: [(fn(&mut ThreadSnapshot), &str); 5] = [
+        type Change = fn(&mut ThreadSnapshot);
+        let cases: [(Change, &str); 5] = [
             (|s| s.task_id.clear(), "empty_task_id"),
             (|s| s.trace_segment_id.clear(), "empty_segment_id"),
             (|s| s.sequence = -1, "negative_sequence"),

@@ -66,10 +66,10 @@ pub struct SqliteStore {
     next_reader: AtomicUsize,
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
     let connection = Connection::open(path).map_err(|error| map_error(&error))?;
     connection
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(busy_timeout)
         .map_err(|error| map_error(&error))?;
     // WAL lets the API read while a batch commits; NORMAL sync keeps every committed
     // transaction across a process crash (only an OS crash can lose the newest ones).
@@ -113,6 +113,15 @@ fn lock(connection: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection>
 impl SqliteStore {
     /// Opens (creating when missing) the database file and its folder, and the schema.
     pub fn open(path: &Path, read_connections: usize) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, read_connections, Duration::from_secs(5))
+    }
+
+    /// Like `open`, with the time a call waits on another process's lock.
+    pub fn open_with(
+        path: &Path,
+        read_connections: usize,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|error| {
                 StoreError::Rejected(format!(
@@ -121,12 +130,12 @@ impl SqliteStore {
                 ))
             })?;
         }
-        let writer = open_connection(path)?;
+        let writer = open_connection(path, busy_timeout)?;
         writer
             .execute_batch(SCHEMA)
             .map_err(|error| map_error(&error))?;
         let readers = (0..read_connections.max(1))
-            .map(|_| open_connection(path).map(Mutex::new))
+            .map(|_| open_connection(path, busy_timeout).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -518,7 +527,10 @@ mod tests {
             .insert_task_logs(&[log.clone(), log.clone()])
             .await
             .unwrap();
-        store.insert_task_logs(&[log.clone()]).await.unwrap();
+        store
+            .insert_task_logs(std::slice::from_ref(&log))
+            .await
+            .unwrap();
         let finished = TaskLog::new(&t, "i1", Operation::ExecutionFinished, 6);
         store.insert_task_logs(&[finished]).await.unwrap();
         let logs = store.task_logs("t").await.unwrap();

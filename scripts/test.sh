@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every skysnap test on a fresh machine, installing what the tests need when it is
+# missing: builds once, checks formatting and lints, runs the unit and integration
+# tests (the real `skysnap serve` on loopback ports), then the end-to-end test with the
+# real SkyWalking Python agent (apache-skywalking==1.2.0, in a virtualenv made here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+started=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - started ))s)"; }
+
+step "toolchain"
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+step "build"
+cargo build --locked --all-targets
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+
+step "unit and integration tests"
+cargo test --locked
+
+step "python agent virtualenv"
+venv=.venv
+if ! "$venv/bin/python" -c 'import skywalking.protocol.profile.Profile_pb2, pytest' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'apache-skywalking==1.2.0' 'pytest>=7'
+fi
+
+step "end-to-end with the SkyWalking Python agent"
+SKYSNAP_BIN="$PWD/target/debug/skysnap" "$venv/bin/python" -m pytest -p no:cacheprovider tests/e2e -v
+
+step "all tests passed"

@@ -1,0 +1,328 @@
+//! Helpers for the integration tests: the real `skysnap serve` binary on loopback
+//! ports, a gRPC client from `proto/`, and small HTTP and metrics readers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
+use skysnap::proto::v3::{ThreadSnapshot, ThreadStack};
+use tonic::transport::Channel;
+
+pub struct Server {
+    child: Option<Child>,
+    pub grpc: String,
+    pub http: String,
+    pub metrics: String,
+    pub dir: PathBuf,
+    /// Keeps the folder until the test ends.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts skysnap in a fresh folder with the given extra environment.
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut server = Server::start_in(&dir, env);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts skysnap in `dir` (its database is `dir/skysnap.db`).
+    pub fn start_in(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+        command
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .current_dir(dir)
+            .env("SKYSNAP_SQLITE_PATH", dir.join("skysnap.db"))
+            .env("SKYSNAP_PIPELINE_BATCH_FLUSH_INTERVAL_MS", "50")
+            .env("SKYSNAP_TASKS_LOG_FLUSH_INTERVAL_MS", "20")
+            .env("SKYSNAP_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("skysnap binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("skysnap ready") {
+                    let _ = sender.send(line);
+                }
+            }
+        });
+        let line = match receiver.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "skysnap did not start:\n{}",
+                    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+                );
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                .expect("address in ready line")
+                .to_string()
+        };
+        Server {
+            grpc: format!("http://{}", field("grpc")),
+            http: format!("http://{}", field("http")),
+            metrics: format!("http://{}/metrics", field("metrics")),
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            _temp: None,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("skysnap.db")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                panic!(
+                    "skysnap did not exit within {timeout:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let status = self.wait(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "skysnap exited {status}:\n{}",
+            self.stderr()
+        );
+    }
+
+    pub async fn profile_client(&self) -> ProfileTaskClient<Channel> {
+        ProfileTaskClient::connect(self.grpc.clone())
+            .await
+            .expect("grpc connects")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .expect("http get");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.http))
+            .json(&body)
+            .send()
+            .await
+            .expect("http post");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a task that starts now and returns its JSON.
+    pub async fn create_task(&self, service: &str, endpoint: &str) -> Value {
+        let (status, task) = self
+            .post(
+                "/api/v1/tasks",
+                serde_json::json!({
+                    "service": service,
+                    "endpoint_name": endpoint,
+                    "duration": 5,
+                    "min_duration_threshold": 100,
+                    "dump_period": 20,
+                    "max_sampling_count": 5,
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "{task}");
+        task
+    }
+
+    /// The sum of a metric's samples whose labels contain every given `key="value"`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = reqwest::get(&self.metrics)
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .expect("metrics text");
+        parse_metric(&text, name, labels)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn parse_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l),
+                None => (series, ""),
+            };
+            if series_name != name || !labels.iter().all(|label| series_labels.contains(label)) {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+pub fn snapshot(task_id: &str, segment_id: &str, sequence: i32) -> ThreadSnapshot {
+    ThreadSnapshot {
+        task_id: task_id.to_string(),
+        trace_segment_id: segment_id.to_string(),
+        time: 1_700_000_000_000 + i64::from(sequence) * 20,
+        sequence,
+        stack: Some(ThreadStack {
+            code_signatures: (0..10)
+                .map(|depth| {
+                    format!(
+                        "com.example.Service{depth}.method{depth}:{}",
+                        depth * 10 + sequence % 3
+                    )
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// Polls `check` until it returns Some, at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Rows in the snapshot table, read straight from the SQLite file.
+pub fn snapshot_rows(db: &Path, segment_like: &str) -> i64 {
+    let connection = rusqlite::Connection::open(db).expect("open db");
+    connection
+        .query_row(
+            "SELECT COUNT(*) FROM profile_thread_snapshot WHERE segment_id LIKE ?1",
+            [segment_like],
+            |row| row.get(0),
+        )
+        .expect("count")
+}
+
+/// A gRPC codec that sends raw bytes as the message: lets a test send a malformed
+/// protobuf, which no generated client can.
+pub mod raw {
+    use bytes::{Buf, BufMut, Bytes};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    #[derive(Default, Clone)]
+    pub struct RawCodec;
+
+    pub struct RawEncoder;
+    pub struct RawDecoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDecoder {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Lifecycle and operations against the real binary: shutdown under load, tokens,
+//! configuration errors, an unavailable store, and the `skysnap task` CLI.
+
+mod common;
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
+use skysnap::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot};
+use tonic::metadata::MetadataValue;
+
+use common::{snapshot, snapshot_rows, Server};
+
+#[tokio::test]
+async fn test_sigterm_during_streams_loses_nothing_acknowledged() {
+    let mut server = Server::start(&[("SKYSNAP_SHUTDOWN_GRACE_MS", "10000")]);
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(6);
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let grpc = server.grpc.clone();
+        let (acknowledged, refused) = (acknowledged.clone(), refused.clone());
+        workers.push(tokio::spawn(async move {
+            let Ok(mut client) = ProfileTaskClient::connect(grpc).await else {
+                return;
+            };
+            for round in 0.. {
+                if Instant::now() > stop_at {
+                    return;
+                }
+                let segment = format!("sig-{worker}-{round}");
+                let messages: Vec<ThreadSnapshot> = (0..200)
+                    .map(|n| snapshot("task-sig", &segment, n))
+                    .collect();
+                // Paced, so that streams are open when the signal comes.
+                let stream =
+                    futures::StreamExt::then(tokio_stream::iter(messages), |message| async move {
+                        if message.sequence % 20 == 0 {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        message
+                    });
+                match client.collect_snapshot(stream).await {
+                    Ok(_) => acknowledged.lock().unwrap().push(segment),
+                    Err(_) => {
+                        refused.lock().unwrap().push(segment);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    server.signal("TERM");
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait(Duration::from_secs(15));
+        (status, server)
+    })
+    .await
+    .unwrap();
+    let (status, server) = status;
+    assert!(status.success(), "exit {status}:\n{}", server.stderr());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exited within the grace period"
+    );
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 8,
+        "load ran: {} streams acknowledged",
+        acknowledged.len()
+    );
+    for segment in &acknowledged {
+        assert_eq!(
+            snapshot_rows(&server.db_path(), segment),
+            200,
+            "acknowledged stream {segment}"
+        );
+    }
+    let total = snapshot_rows(&server.db_path(), "sig-%");
+    eprintln!(
+        "acknowledged streams: {}, refused streams: {}, rows: {total}",
+        acknowledged.len(),
+        refused.lock().unwrap().len()
+    );
+    assert!(total >= 200 * acknowledged.len() as i64);
+}
+
+#[tokio::test]
+async fn test_agent_token_required_when_configured() {
+    let mut server = Server::start(&[("SKYSNAP_AUTH_AGENT_TOKEN", "agent-secret")]);
+    let mut client = server.profile_client().await;
+    let query = || ProfileTaskCommandQuery {
+        service: "shop".into(),
+        service_instance: "shop-1".into(),
+        last_command_time: -1,
+    };
+    let error = client.get_profile_task_commands(query()).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
+    let error = client
+        .collect_snapshot(tokio_stream::iter(vec![snapshot("t", "tok-seg", 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
+
+    let mut wrong = tonic::Request::new(query());
+    wrong
+        .metadata_mut()
+        .insert("authentication", MetadataValue::from_static("nope"));
+    assert_eq!(
+        client
+            .get_profile_task_commands(wrong)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut right = tonic::Request::new(query());
+    right
+        .metadata_mut()
+        .insert("authentication", MetadataValue::from_static("agent-secret"));
+    client
+        .get_profile_task_commands(right)
+        .await
+        .expect("token accepted");
+    let mut stream = tonic::Request::new(tokio_stream::iter(vec![snapshot("t", "tok-seg", 0)]));
+    stream
+        .metadata_mut()
+        .insert("authentication", MetadataValue::from_static("agent-secret"));
+    client
+        .collect_snapshot(stream)
+        .await
+        .expect("token accepted");
+    assert_eq!(snapshot_rows(&server.db_path(), "tok-seg"), 1);
+    assert_eq!(
+        server
+            .metric("skysnap_grpc_unauthenticated_total", &[])
+            .await,
+        3.0
+    );
+    // Without an admin token the API is open.
+    assert_eq!(server.get("/api/v1/tasks").await.0, 200);
+    server.stop();
+}
+
+#[tokio::test]
+async fn test_admin_token_required_when_configured() {
+    let mut server = Server::start(&[("SKYSNAP_AUTH_ADMIN_TOKEN", "admin-secret")]);
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/tasks", server.http);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let response = http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("token"));
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let created = http
+        .post(&url)
+        .bearer_auth("admin-secret")
+        .json(
+            &serde_json::json!({"service": "s", "endpoint_name": "/e", "duration": 1,
+            "min_duration_threshold": 0, "dump_period": 10, "max_sampling_count": 1}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Probes stay open for Kubernetes, and agents need no admin token.
+    assert_eq!(server.get("/healthz").await.0, 200);
+    assert_eq!(server.get("/readyz").await.0, 200);
+    let mut client = server.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(vec![snapshot("t", "adm-seg", 0)]))
+        .await
+        .unwrap();
+    server.stop();
+}
+
+#[tokio::test]
+async fn test_store_down_past_retry_budget_answers_unavailable_and_counts() {
+    let mut server = Server::start(&[
+        ("SKYSNAP_SQLITE_BUSY_TIMEOUT_MS", "20"),
+        ("SKYSNAP_SINK_RETRY_INITIAL_BACKOFF_MS", "20"),
+        ("SKYSNAP_SINK_RETRY_BUDGET_MS", "500"),
+    ]);
+    let mut client = server.profile_client().await;
+    let stream = || {
+        tokio_stream::iter(
+            (0..100)
+                .map(|n| snapshot("task-down", "down-seg", n))
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    // Another process holds the write lock: every write attempt fails with "busy".
+    let blocker = rusqlite::Connection::open(server.db_path()).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let error = client
+        .collect_snapshot(stream())
+        .await
+        .expect_err("store is locked");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert_eq!(
+        server
+            .metric(
+                "skysnap_snapshots_refused_total",
+                &["reason=\"sink_unavailable\""]
+            )
+            .await,
+        100.0
+    );
+    assert!(server.metric("skysnap_sink_retries_total", &[]).await >= 1.0);
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    // The agent sends the stream again once the store is back.
+    client
+        .collect_snapshot(stream())
+        .await
+        .expect("store is back");
+    assert_eq!(snapshot_rows(&server.db_path(), "down-seg"), 100);
+    let received = server.metric("skysnap_snapshots_received_total", &[]).await;
+    let committed = server
+        .metric("skysnap_snapshots_committed_total", &[])
+        .await;
+    let refused = server.metric("skysnap_snapshots_refused_total", &[]).await;
+    assert_eq!((received, committed, refused), (200.0, 100.0, 100.0));
+    server.stop();
+}
+
+fn skysnap(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+    command
+        .args(args)
+        .env_remove("SKYSNAP_SERVER")
+        .env_remove("SKYSNAP_AUTH_ADMIN_TOKEN");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("skysnap runs")
+}
+
+#[test]
+fn test_bad_configuration_fails_startup_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = skysnap(&["serve"], &[("SKYSNAP_GRPC_ADDR", "not-an-address")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("grpc.addr"), "{stderr}");
+
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, "pipeline:\n  batch_max_snapshot: 10\n").unwrap();
+    let output = skysnap(&["serve", "--config", file.to_str().unwrap()], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("batch_max_snapshot"), "{stderr}");
+
+    let output = skysnap(&["serve"], &[("SKYSNAP_RETENTION_DAYZ", "4")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SKYSNAP_RETENTION_DAYZ"), "{stderr}");
+}
+
+#[tokio::test]
+async fn test_cli_task_commands() {
+    let mut server = Server::start(&[("SKYSNAP_AUTH_ADMIN_TOKEN", "cli-secret")]);
+    let base = server.http.clone();
+    let cli = move |args: &[&str]| {
+        let mut all = vec!["task", "--server", base.as_str()];
+        all.extend_from_slice(args);
+        skysnap(&all, &[("SKYSNAP_AUTH_ADMIN_TOKEN", "cli-secret")])
+    };
+    let created = cli(&[
+        "create",
+        "--service",
+        "shop",
+        "--endpoint",
+        "/orders",
+        "--duration",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let task: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let id = task["id"].as_str().unwrap().to_string();
+    assert_eq!(task["duration"], 2);
+
+    let listed = cli(&["list", "--service", "shop"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains(&id) && table.contains("/orders"), "{table}");
+
+    let shown = cli(&["show", &id]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("dump period"));
+
+    // A poll makes a NOTIFIED log for the logs command to show.
+    let mut client = server.profile_client().await;
+    let mut poll = tonic::Request::new(ProfileTaskCommandQuery {
+        service: "shop".into(),
+        service_instance: "shop-7".into(),
+        last_command_time: -1,
+    });
+    poll.metadata_mut()
+        .insert("authentication", MetadataValue::from_static("unused"));
+    client.get_profile_task_commands(poll).await.unwrap();
+    let logs = common::eventually(Duration::from_secs(5), || {
+        let output = cli(&["logs", &id]);
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        std::future::ready(text.contains("NOTIFIED").then_some(text))
+    })
+    .await;
+    assert!(logs.contains("shop-7"), "{logs}");
+
+    let refused = cli(&[
+        "create",
+        "--service",
+        "shop",
+        "--endpoint",
+        "/x",
+        "--duration",
+        "0",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("monitor duration must greater than 1 minutes"),
+        "{stderr}"
+    );
+    let missing = cli(&["show", "no-such-task"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    let unauthorized = skysnap(&["task", "--server", &server.http, "list"], &[]);
+    assert!(!unauthorized.status.success());
+    assert!(String::from_utf8_lossy(&unauthorized.stderr).contains("401"));
+    server.stop();
+}

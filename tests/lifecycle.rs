@@ -352,3 +352,158 @@ async fn test_cli_task_commands() {
     assert!(String::from_utf8_lossy(&unauthorized.stderr).contains("401"));
     server.stop();
 }
+
+#[tokio::test]
+async fn test_slow_store_pushes_back_on_the_stream() {
+    let mut server = Server::start(&[
+        ("SKYSNAP_PIPELINE_SHARDS", "1"),
+        ("SKYSNAP_PIPELINE_SHARD_MAILBOX_CAPACITY", "2"),
+        ("SKYSNAP_PIPELINE_STREAM_CHUNK_SNAPSHOTS", "16"),
+        ("SKYSNAP_PIPELINE_BATCH_MAX_SNAPSHOTS", "32"),
+        // The locked store makes a write wait instead of failing.
+        ("SKYSNAP_SQLITE_BUSY_TIMEOUT_MS", "60000"),
+        ("SKYSNAP_SINK_RETRY_BUDGET_MS", "120000"),
+    ]);
+    let blocker = rusqlite::Connection::open(server.db_path()).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let offered = 20_000;
+    let mut client = server.profile_client().await;
+    let sender = tokio::spawn(async move {
+        let messages = (0..offered).map(|n| snapshot("task-bp", "bp-seg", n));
+        client.collect_snapshot(tokio_stream::iter(messages)).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // While the store is stuck the server stops reading: only what fits in one batch,
+    // the bounded mailbox and the handler's hand was decoded.
+    let received_while_stuck = server.metric("skysnap_snapshots_received_total", &[]).await;
+    assert!(received_while_stuck >= 32.0, "{received_while_stuck}");
+    assert!(
+        received_while_stuck <= 500.0,
+        "read on while stuck: {received_while_stuck}"
+    );
+    assert!(!sender.is_finished());
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    sender
+        .await
+        .unwrap()
+        .expect("stream committed once the store is back");
+    assert_eq!(
+        snapshot_rows(&server.db_path(), "bp-seg"),
+        i64::from(offered)
+    );
+    eprintln!("received while the store was stuck: {received_while_stuck} of {offered}");
+    server.stop();
+}
+
+/// A throwaway CA and a `localhost` certificate signed by it, made with `openssl`.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            status.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=skysnap-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend_from_slice(&ec);
+    run(&ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ];
+    csr.extend_from_slice(&ec);
+    run(&csr);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
+    ]);
+}
+
+#[tokio::test]
+async fn test_grpc_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let cert = certs.path().join("cert.pem");
+    let key = certs.path().join("key.pem");
+    let mut server = Server::start(&[
+        ("SKYSNAP_GRPC_TLS_CERT_PATH", cert.to_str().unwrap()),
+        ("SKYSNAP_GRPC_TLS_KEY_PATH", key.to_str().unwrap()),
+    ]);
+    let ca = std::fs::read(certs.path().join("ca.pem")).unwrap();
+    let address = server.grpc.replace("http://", "https://");
+    let channel = tonic::transport::Endpoint::from_shared(address)
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS handshake with the configured certificate");
+    let mut client = ProfileTaskClient::new(channel);
+    client
+        .collect_snapshot(tokio_stream::iter(vec![snapshot("t", "tls-seg", 0)]))
+        .await
+        .expect("stream over TLS");
+    assert_eq!(snapshot_rows(&server.db_path(), "tls-seg"), 1);
+    // Plain text is not served on a TLS port.
+    let plain = match ProfileTaskClient::connect(server.grpc.clone()).await {
+        Ok(mut plain) => plain
+            .collect_snapshot(tokio_stream::iter(vec![snapshot("t", "tls-seg", 1)]))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(plain, "a plain-text client was served on the TLS port");
+    server.stop();
+}

@@ -302,53 +302,38 @@ fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-#[tonic::async_trait]
-impl ProfileTask for ProfileService {
-    async fn get_profile_task_commands(
-        &self,
-        request: Request<ProfileTaskCommandQuery>,
-    ) -> Result<Response<Commands>, Status> {
-        self.commands(request.into_inner()).await.map(Response::new)
-    }
+/// Both generated `ProfileTask` traits (v3 and the package-less compat one) have the
+/// same methods over the same messages; one body serves both.
+macro_rules! impl_profile_task {
+    ($trait_path:path) => {
+        #[tonic::async_trait]
+        impl $trait_path for ProfileService {
+            async fn get_profile_task_commands(
+                &self,
+                request: Request<ProfileTaskCommandQuery>,
+            ) -> Result<Response<Commands>, Status> {
+                self.commands(request.into_inner()).await.map(Response::new)
+            }
 
-    async fn collect_snapshot(
-        &self,
-        request: Request<Streaming<ThreadSnapshot>>,
-    ) -> Result<Response<Commands>, Status> {
-        self.collect(request.into_inner()).await.map(Response::new)
-    }
+            async fn collect_snapshot(
+                &self,
+                request: Request<Streaming<ThreadSnapshot>>,
+            ) -> Result<Response<Commands>, Status> {
+                self.collect(request.into_inner()).await.map(Response::new)
+            }
 
-    async fn report_task_finish(
-        &self,
-        request: Request<ProfileTaskFinishReport>,
-    ) -> Result<Response<Commands>, Status> {
-        self.finish(request.into_inner()).await.map(Response::new)
-    }
+            async fn report_task_finish(
+                &self,
+                request: Request<ProfileTaskFinishReport>,
+            ) -> Result<Response<Commands>, Status> {
+                self.finish(request.into_inner()).await.map(Response::new)
+            }
+        }
+    };
 }
 
-#[tonic::async_trait]
-impl compat::profile_task_server::ProfileTask for ProfileService {
-    async fn get_profile_task_commands(
-        &self,
-        request: Request<ProfileTaskCommandQuery>,
-    ) -> Result<Response<Commands>, Status> {
-        self.commands(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn collect_snapshot(
-        &self,
-        request: Request<Streaming<ThreadSnapshot>>,
-    ) -> Result<Response<Commands>, Status> {
-        self.collect(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn report_task_finish(
-        &self,
-        request: Request<ProfileTaskFinishReport>,
-    ) -> Result<Response<Commands>, Status> {
-        self.finish(request.into_inner()).await.map(Response::new)
-    }
-}
+impl_profile_task!(ProfileTask);
+impl_profile_task!(compat::profile_task_server::ProfileTask);
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every skysnap test on a fresh machine, installing what the tests need when it is
-# missing: builds once, checks formatting and lints, runs the unit and integration
-# tests (the real `skysnap serve` on loopback ports), then the end-to-end test with the
-# real SkyWalking Python agent (apache-skywalking==1.2.0, in a virtualenv made here).
+# missing: builds once, checks formatting and lints, installs and starts ClickHouse
+# (Debian's package) on loopback, runs the unit and integration tests (the real
+# `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
+# (chdb-core), and the end-to-end test with the real SkyWalking Python agent
+# (apache-skywalking==1.2.0). Stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -24,8 +26,22 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 
+step "servers: ClickHouse on loopback"
+scripts/services/clickhouse.sh install
+scripts/services/clickhouse.sh start
+trap 'scripts/services/clickhouse.sh stop >/dev/null 2>&1 || true' EXIT
+export SKYSNAP_TEST_CLICKHOUSE_URL="http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-18123}"
+
 step "unit and integration tests"
 cargo test --locked
+
+step "DDL on the current ClickHouse engine (chdb-core)"
+chdb_venv=.venv-chdb
+if ! "$chdb_venv/bin/python" -c 'import chdb, pytest' 2>/dev/null; then
+  python3 -m venv "$chdb_venv"
+  "$chdb_venv/bin/pip" install --quiet --disable-pip-version-check -r tests/chdb/requirements.txt
+fi
+"$chdb_venv/bin/python" -m pytest -p no:cacheprovider tests/chdb -v
 
 step "python agent virtualenv"
 venv=.venv

@@ -154,6 +154,11 @@ pub struct ClickHouseConfig {
     /// HTTP interface of the ClickHouse server.
     pub url: String,
     pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Create the database and tables at start-up (`false` for production, where the
+    /// DDL of `skysnap schema` is applied by hand).
+    pub create_schema: bool,
 }
 
 impl Default for ClickHouseConfig {
@@ -161,6 +166,9 @@ impl Default for ClickHouseConfig {
         ClickHouseConfig {
             url: "http://127.0.0.1:8123".to_string(),
             database: "skysnap".to_string(),
+            user: None,
+            password: None,
+            create_schema: true,
         }
     }
 }
@@ -314,11 +322,16 @@ pub struct AuthConfig {
 pub struct RetentionConfig {
     /// Days records are kept, by time bucket.
     pub days: u32,
+    /// How often expired records are looked for, in ms.
+    pub check_interval_ms: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { days: 3 }
+        RetentionConfig {
+            days: 3,
+            check_interval_ms: 600_000,
+        }
     }
 }
 
@@ -459,10 +472,19 @@ impl Config {
                 "must not be empty (leave it unset for no token)",
             );
         }
-        if self.store.kind == StoreKind::Clickhouse {
+        if self.retention.check_interval_ms == 0 {
+            return invalid("retention.check_interval_ms", "must be greater than zero");
+        }
+        if self.clickhouse.database.is_empty()
+            || !self
+                .clickhouse
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             return invalid(
-                "store.kind",
-                "clickhouse is not implemented yet in this version; use sqlite",
+                "clickhouse.database",
+                "must be a plain name: letters, digits, _",
             );
         }
         if self.pipeline.mode == PipelineMode::Kafka || !self.kafka.brokers.trim().is_empty() {

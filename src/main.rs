@@ -9,6 +9,7 @@ use serde_json::Value;
 use skysnap::cli::task::{self, Client, NewTaskArgs};
 use skysnap::config::Config;
 use skysnap::model::{Task, TaskLog};
+use skysnap::store::clickhouse::schema::{self, ServerVersion};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,18 @@ enum Command {
     Serve(ServeArgs),
     /// Create and inspect profile tasks through a running skysnap's HTTP API.
     Task(TaskArgs),
+    /// Print the ClickHouse DDL skysnap would apply (for `clickhouse.create_schema: false`).
+    Schema(SchemaArgs),
+}
+
+#[derive(Args)]
+struct SchemaArgs {
+    /// YAML config file (its clickhouse.database and retention.days are used).
+    #[arg(long, env = "SKYSNAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// The ClickHouse server's version, e.g. 18.16 or 26.1 (default: a current server).
+    #[arg(long)]
+    server_version: Option<String>,
 }
 
 #[derive(Args)]
@@ -151,6 +164,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<bool> {
     skysnap::server::run(config)
 }
 
+fn schema(args: SchemaArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    let version = match args.server_version {
+        Some(text) => ServerVersion::parse(&text).ok_or_else(|| {
+            anyhow::anyhow!("--server-version {text:?} is not a version like 18.16")
+        })?,
+        None => ServerVersion::MODERN,
+    };
+    print!(
+        "{}",
+        schema::render(version, &config.clickhouse.database, config.retention.days)
+    );
+    Ok(())
+}
+
 async fn run_task(args: TaskArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.server, args.token);
     let output = match args.command {
@@ -222,6 +250,7 @@ fn main() -> ExitCode {
                 tracing::error!("shutdown was not clean: see the errors above");
             }
         }),
+        Command::Schema(args) => schema(args).map(|()| true),
         Command::Task(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

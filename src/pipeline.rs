@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::actors::instances::InstanceRegistry;
+use crate::actors::retention::RetentionActor;
 use crate::actors::shard::{BatchLimits, CloseReason, Flush, SnapshotShard};
 use crate::actors::sink::retry::RetryPolicy;
 use crate::actors::sink::store::StoreSink;
@@ -28,6 +29,7 @@ pub struct Handles {
     pub task_log: Addr<TaskLogWriter>,
     pub registry: Addr<TaskRegistry>,
     pub instances: Addr<InstanceRegistry>,
+    pub retention: Addr<RetentionActor>,
     pub store: Arc<dyn Store>,
 }
 
@@ -103,6 +105,15 @@ impl Pipeline {
                 instances_config.max_instances,
             )
         });
+        let retention_store = store.clone();
+        let retention_config = config.retention.clone();
+        let retention = RetentionActor::start_in_arbiter(&control.handle(), move |_ctx| {
+            RetentionActor::new(
+                retention_store,
+                retention_config.days,
+                Duration::from_millis(retention_config.check_interval_ms),
+            )
+        });
         arbiters.push(control);
 
         Pipeline {
@@ -113,6 +124,7 @@ impl Pipeline {
                 task_log,
                 registry,
                 instances,
+                retention,
                 store,
             },
             arbiters,

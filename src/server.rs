@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::config::{Config, StoreKind};
 use crate::http::{self, AppState};
 use crate::pipeline::{sinks_for, Pipeline};
+use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::{grpc, metrics};
@@ -45,7 +46,12 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             tracing::info!(path = %config.sqlite.path.display(), "sqlite store open");
             Ok(Arc::new(store))
         }
-        StoreKind::Clickhouse => anyhow::bail!("store.kind: clickhouse is not implemented yet"),
+        StoreKind::Clickhouse => {
+            let store = ClickHouseStore::connect(&config.clickhouse, config.retention.days)
+                .await
+                .with_context(|| format!("cannot use clickhouse.url {}", config.clickhouse.url))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 

@@ -507,3 +507,41 @@ async fn test_grpc_over_tls() {
     assert!(plain, "a plain-text client was served on the TLS port");
     server.stop();
 }
+
+#[tokio::test]
+async fn test_sqlite_retention_removes_expired_rows() {
+    let mut server = Server::start(&[("SKYSNAP_RETENTION_CHECK_INTERVAL_MS", "300")]);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let day_ms = 86_400_000;
+    let at = |segment: &str, sequence: i32, time: i64| ThreadSnapshot {
+        time,
+        ..snapshot("task-ret", segment, sequence)
+    };
+    let mut messages: Vec<ThreadSnapshot> = (0..10)
+        .map(|n| at("ret-old", n, now_ms - 4 * day_ms))
+        .collect();
+    messages.extend((0..10).map(|n| at("ret-edge", n, now_ms - 3 * day_ms + 3_600_000)));
+    messages.extend((0..10).map(|n| at("ret-new", n, now_ms)));
+    let mut client = server.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(messages))
+        .await
+        .unwrap();
+    let db = server.db_path();
+    common::eventually(Duration::from_secs(10), || {
+        std::future::ready((snapshot_rows(&db, "ret-old") == 0).then_some(()))
+    })
+    .await;
+    assert_eq!(snapshot_rows(&db, "ret-edge"), 10);
+    assert_eq!(snapshot_rows(&db, "ret-new"), 10);
+    assert_eq!(
+        server
+            .metric(
+                "skysnap_retention_rows_removed_total",
+                &["store=\"sqlite\""]
+            )
+            .await,
+        10.0
+    );
+    server.stop();
+}

@@ -72,11 +72,18 @@ cmd_install() {
   log "installed clickhouse-server $(version)"
 }
 
-is_running() {
+alive() { # PID: exists and is not a zombie
+  local st
+  kill -0 "$1" 2>/dev/null || return 1
+  st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+  [ "$st" != Z ] && [ "$st" != X ]
+}
+
+is_running() { # our pid file points at a live clickhouse process
   [ -f "$PID_FILE" ] || return 1
   local pid
   pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -n "$pid" ] && alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q clickhouse
 }
 
 is_ready() {
@@ -162,37 +169,49 @@ EOF
 EOF
 }
 
+launch() {
+  local bin
+  bin="$(server_bin)" || { log "clickhouse-server not installed; run: $0 install"; exit 1; }
+  rm -f "$PID_FILE"
+  if is_ready; then
+    log "port $HTTP_PORT already answers /ping but not from our pid file; refusing to start a second server"
+    exit 1
+  fi
+  write_config
+  log "starting $bin (config $CH_DIR/config.xml)"
+  # setsid: own session, so the server outlives this script and the caller's
+  # process group; 9>&-: do not hand the lock fd to the server.
+  # shellcheck disable=SC2086
+  setsid $bin --config-file="$CH_DIR/config.xml" \
+    >>"$STDOUT_LOG" 2>&1 </dev/null 9>&- &
+  echo $! >"$PID_FILE"
+}
+
 cmd_start() {
+  server_bin >/dev/null || { log "clickhouse-server not installed; run: $0 install"; exit 1; }
+  local launched=0
   if is_running; then
     if is_ready; then
       log "already running (pid $(cat "$PID_FILE")) on 127.0.0.1:$HTTP_PORT"
       return 0
     fi
+    log "pid $(cat "$PID_FILE") alive but not ready yet; waiting for it"
   else
-    rm -f "$PID_FILE"
-  fi
-  local bin
-  bin="$(server_bin)" || { log "clickhouse-server not installed; run: $0 install"; exit 1; }
-
-  if ! is_running; then
-    if is_ready; then
-      log "port $HTTP_PORT already answers /ping but not from our pid file; refusing to start a second server"
-      exit 1
-    fi
-    write_config
-    log "starting $bin (config $CH_DIR/config.xml)"
-    # Run in the foreground mode of the binary, backgrounded by the shell,
-    # detached from this shell's session so that test harnesses do not wait on it.
-    # shellcheck disable=SC2086
-    setsid $bin --config-file="$CH_DIR/config.xml" \
-      >>"$STDOUT_LOG" 2>&1 </dev/null 9>&- &
-    echo $! >"$PID_FILE"
+    launch
+    launched=1
   fi
 
   local pid waited=0
   pid="$(cat "$PID_FILE")"
   while ! is_ready; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! alive "$pid"; then
+      if [ "$launched" = 0 ]; then
+        log "previous process $pid is gone; launching a new server"
+        launch
+        launched=1
+        pid="$(cat "$PID_FILE")"
+        continue
+      fi
       log "server process $pid exited during startup"
       tail -n 40 "$LOG_DIR/clickhouse-server.err.log" "$STDOUT_LOG" 2>/dev/null >&2 || true
       rm -f "$PID_FILE"
@@ -220,14 +239,14 @@ cmd_stop() {
   log "stopping pid $pid"
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < STOP_TIMEOUT * 4; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    alive "$pid" || break
     sleep 0.25
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     log "still alive after ${STOP_TIMEOUT}s; sending KILL"
     kill -KILL "$pid" 2>/dev/null || true
     for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
+      alive "$pid" || break
       sleep 0.25
     done
   fi

@@ -95,6 +95,7 @@ logger.state.level = WARN
 logger.request.name = kafka.request.logger
 logger.request.level = WARN
 EOF
+  printf 'request.timeout.ms=10000\ndefault.api.timeout.ms=20000\n' >"$KAFKA_DIR/tools-admin.properties"
   cat >"$KAFKA_DIR/tools-log4j2.properties" <<'EOF'
 status = error
 appender.err.type = Console
@@ -140,23 +141,31 @@ log.segment.bytes=104857600
 EOF
 }
 
+alive() { # PID: exists and is not a zombie
+  local st
+  kill -0 "$1" 2>/dev/null || return 1
+  st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+  [ "$st" != Z ] && [ "$st" != X ]
+}
+
 is_running() {
   [ -f "$PID_FILE" ] || return 1
   local pid
   pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -n "$pid" ] && alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q kafka.Kafka
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 run_tool() { # CLASS ARGS...
-  [ -f "$KAFKA_DIR/tools-log4j2.properties" ] || write_log_configs
+  [ -f "$KAFKA_DIR/tools-admin.properties" ] || write_log_configs
   "$JAVA" "${TOOL_OPTS[@]}" -cp "$LIBS/*" "$@"
 }
 
 topics_listable() {
   timeout 30 "$JAVA" "${TOOL_OPTS[@]}" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
-    --bootstrap-server "$BOOTSTRAP" --list >/dev/null 2>&1
+    --bootstrap-server "$BOOTSTRAP" --command-config "$KAFKA_DIR/tools-admin.properties" \
+    --list >/dev/null 2>&1
 }
 
 new_cluster_id() {
@@ -164,43 +173,59 @@ new_cluster_id() {
   head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
 }
 
+launch() {
+  rm -f "$PID_FILE"
+  if port_open "$PORT"; then
+    log "port $PORT is in use by another process; refusing to start"
+    exit 1
+  fi
+  write_log_configs
+  write_server_properties
+  if [ ! -f "$DATA_DIR/meta.properties" ]; then
+    local cid
+    cid="$(new_cluster_id)"
+    log "formatting storage in $DATA_DIR (cluster id $cid)"
+    run_tool kafka.tools.StorageTool format --config "$CONF" --cluster-id "$cid" \
+      --ignore-formatted >>"$LOG_DIR/format.log" 2>&1 ||
+      { log "storage format failed:"; tail -n 30 "$LOG_DIR/format.log" >&2; exit 1; }
+  fi
+  log "starting broker (KRaft combined) on $BOOTSTRAP, controller 127.0.0.1:$CONTROLLER_PORT"
+  # setsid: own session, so the broker outlives this script and the caller's
+  # process group; 9>&-: do not hand the lock fd to the broker.
+  # shellcheck disable=SC2086
+  setsid "$JAVA" $HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    "-Dlog4j2.configurationFile=$KAFKA_DIR/log4j2.properties" "-Dkafka.logs.dir=$LOG_DIR" \
+    -cp "$LIBS/*" kafka.Kafka "$CONF" >>"$LOG_DIR/stdout.log" 2>&1 </dev/null 9>&- &
+  echo $! >"$PID_FILE"
+}
+
 cmd_start() {
   libs_ok || { log "Kafka jars missing; run: $0 install"; exit 1; }
   mkdir -p "$KAFKA_DIR" "$LOG_DIR"
+  local launched=0
   if is_running; then
     if port_open "$PORT" && topics_listable; then
       log "already running (pid $(cat "$PID_FILE")) on $BOOTSTRAP"
       return 0
     fi
+    log "pid $(cat "$PID_FILE") alive but not ready yet; waiting for it"
   else
-    rm -f "$PID_FILE"
-    if port_open "$PORT"; then
-      log "port $PORT is in use by another process; refusing to start"
-      exit 1
-    fi
-    write_log_configs
-    write_server_properties
-    if [ ! -f "$DATA_DIR/meta.properties" ]; then
-      local cid
-      cid="$(new_cluster_id)"
-      log "formatting storage in $DATA_DIR (cluster id $cid)"
-      run_tool kafka.tools.StorageTool format --config "$CONF" --cluster-id "$cid" \
-        --ignore-formatted >>"$LOG_DIR/format.log" 2>&1 ||
-        { log "storage format failed:"; tail -n 30 "$LOG_DIR/format.log" >&2; exit 1; }
-    fi
-    log "starting broker (KRaft combined) on $BOOTSTRAP, controller 127.0.0.1:$CONTROLLER_PORT"
-    # shellcheck disable=SC2086
-    setsid "$JAVA" $HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-      "-Dlog4j2.configurationFile=$KAFKA_DIR/log4j2.properties" "-Dkafka.logs.dir=$LOG_DIR" \
-      -cp "$LIBS/*" kafka.Kafka "$CONF" >>"$LOG_DIR/stdout.log" 2>&1 </dev/null 9>&- &
-    echo $! >"$PID_FILE"
+    launch
+    launched=1
   fi
 
   local pid start_ts now
   pid="$(cat "$PID_FILE")"
   start_ts=$(date +%s)
   while :; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! alive "$pid"; then
+      if [ "$launched" = 0 ]; then
+        log "previous process $pid is gone; launching a new broker"
+        launch
+        launched=1
+        pid="$(cat "$PID_FILE")"
+        continue
+      fi
       log "broker process $pid exited during startup"
       tail -n 40 "$LOG_DIR/stdout.log" "$LOG_DIR/server.log" 2>/dev/null >&2 || true
       rm -f "$PID_FILE"
@@ -229,14 +254,14 @@ cmd_stop() {
   log "stopping pid $pid"
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < STOP_TIMEOUT * 4; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    alive "$pid" || break
     sleep 0.25
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     log "still alive after ${STOP_TIMEOUT}s; sending KILL"
     kill -KILL "$pid" 2>/dev/null || true
     for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
+      alive "$pid" || break
       sleep 0.25
     done
   fi
@@ -258,7 +283,8 @@ cmd_status() {
 
 cmd_topic_create() {
   local name="${1:?topic name}" parts="${2:-4}"
-  run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --create \
+  run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" \
+    --command-config "$KAFKA_DIR/tools-admin.properties" --create \
     --if-not-exists --topic "$name" --partitions "$parts" --replication-factor 1 >&2
 }
 
@@ -266,7 +292,7 @@ cmd_topic_count() {
   local name="${1:?topic name}" out
   # output lines: topic:partition:offset ; --time -1 = latest (end) offsets
   out="$(run_tool org.apache.kafka.tools.GetOffsetShell --bootstrap-server "$BOOTSTRAP" \
-    --topic "$name" --time -1)"
+    --command-config "$KAFKA_DIR/tools-admin.properties" --topic "$name" --time -1)"
   echo "$out" | awk -F: 'NF >= 3 { s += $NF } END { print s + 0 }'
 }
 
@@ -290,11 +316,15 @@ case "${1:-}" in
   version) pom_version ;;
   topic-create) shift; cmd_topic_create "$@" ;;
   topic-count) shift; cmd_topic_count "$@" ;;
-  topic-list) run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --list ;;
+  topic-list)
+    run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" \
+      --command-config "$KAFKA_DIR/tools-admin.properties" --list
+    ;;
   produce)
     shift
     run_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$BOOTSTRAP" \
-      --topic "${1:?topic name}"
+      --topic "${1:?topic name}" --command-property max.block.ms=20000 \
+      --command-property delivery.timeout.ms=30000 --command-property request.timeout.ms=10000
     ;;
   *)
     echo "usage: $0 install|start|stop|restart|status|version|topic-create NAME PARTS|topic-count NAME|topic-list|produce NAME" >&2

@@ -1,7 +1,8 @@
 //! The actors: snapshot shards (batching into the sinks), the two task caches, the task
-//! registry, the task log writer and the instance registry.
+//! registry, the task log writer, the instance registry and retention.
 
 pub mod instances;
+pub mod retention;
 pub mod shard;
 pub mod sink;
 pub mod task_by_id;

@@ -1,6 +1,7 @@
 //! The storage interface the pipeline, caches and API use, and its implementations.
 //! SQLite is the embedded default; ClickHouse slots in behind the same trait.
 
+pub mod clickhouse;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -67,4 +68,8 @@ pub trait Store: Send + Sync + 'static {
         segment_id: &str,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError>;
+
+    /// Removes records whose time bucket is older than `cutoff_ms`; answers how many
+    /// rows went (0 where the store expires rows itself, e.g. ClickHouse TTL).
+    async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
 }

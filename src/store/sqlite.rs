@@ -11,7 +11,12 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::{Store, StoreError, TaskFilter};
-use crate::model::{Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
+use crate::model::{
+    minute_bucket, second_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog,
+};
+
+/// Rows one retention statement deletes at most, so writers never wait long.
+const RETENTION_CHUNK_ROWS: i64 = 10_000;
 
 /// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
 /// them and `json_each` can query them.
@@ -451,6 +456,53 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let minute_cutoff = minute_bucket(cutoff_ms);
+        let second_cutoff = second_bucket(cutoff_ms);
+        let mut removed = 0;
+        let tables = [
+            (
+                "profile_thread_snapshot",
+                "task_id, segment_id, sequence",
+                second_cutoff,
+            ),
+            (
+                "profile_task_log",
+                "task_id, instance, operation",
+                second_cutoff,
+            ),
+            ("profile_task", "id", minute_cutoff),
+        ];
+        for (table, key, cutoff_bucket) in tables {
+            // One writer-lock hold per table pass; each chunk is its own statement.
+            removed += self
+                .write(move |connection| delete_in_chunks(connection, table, key, cutoff_bucket))
+                .await?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Deletes expired rows of one table chunk by chunk; answers the rows deleted.
+fn delete_in_chunks(
+    connection: &mut Connection,
+    table: &str,
+    key: &str,
+    cutoff_bucket: i64,
+) -> rusqlite::Result<u64> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE ({key}) IN \
+         (SELECT {key} FROM {table} WHERE time_bucket < ?1 LIMIT ?2)"
+    );
+    let mut removed = 0;
+    loop {
+        let deleted = connection.execute(&sql, params![cutoff_bucket, RETENTION_CHUNK_ROWS])?;
+        removed += deleted as u64;
+        if (deleted as i64) < RETENTION_CHUNK_ROWS {
+            return Ok(removed);
+        }
     }
 }
 

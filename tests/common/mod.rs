@@ -326,3 +326,39 @@ pub mod raw {
         }
     }
 }
+
+/// The ClickHouse server the test command started (Debian's 18.16 on loopback).
+pub fn clickhouse_url() -> String {
+    std::env::var("SKYSNAP_TEST_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_string())
+}
+
+/// A fresh database name for one test.
+pub fn fresh_database(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Runs SQL over ClickHouse's HTTP interface and returns the text answer.
+pub async fn clickhouse(sql: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(clickhouse_url())
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "ClickHouse is not reachable at {} ({error}); run the tests through ./scripts/test.sh, \
+                 which starts it",
+                clickhouse_url()
+            )
+        });
+    let status = response.status();
+    let text = response.text().await.expect("clickhouse answer");
+    assert!(status.is_success(), "clickhouse refused {sql}: {text}");
+    text
+}
+
+/// A single number answered by ClickHouse.
+pub async fn clickhouse_count(sql: &str) -> i64 {
+    clickhouse(sql).await.trim().parse().expect("a number")
+}

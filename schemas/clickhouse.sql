@@ -1,0 +1,81 @@
+-- skysnap's ClickHouse schema, for current ClickHouse servers (TTL, codecs and
+-- LowCardinality available). skysnap applies it at start-up unless
+-- `clickhouse.create_schema: false`; then apply it by hand:
+--
+--   clickhouse-client --multiquery < schemas/clickhouse.sql
+--
+-- `skysnap schema` prints what skysnap would apply for its configuration (another
+-- database name or retention) and, with `--server-version`, for an older server.
+--
+-- Every table is a ReplacingMergeTree ordered by its key: a re-sent snapshot or a
+-- replayed Kafka message collapses at merge time. Until then a query that must count
+-- each key once reads the table with FINAL (or LIMIT 1 BY the key), as below.
+-- Rows expire by TTL on the day of their time bucket, kept for the configured
+-- retention (default 3 days) — the same rule by which skysnap drops whole day
+-- partitions on servers without TTL.
+
+CREATE DATABASE IF NOT EXISTS skysnap;
+
+-- One row per profile task: "profile endpoint E of service S for D minutes".
+-- Times are epoch milliseconds; time_bucket is the minute of start_time (yyyyMMddHHmm, UTC).
+--   SELECT id, endpoint_name, start_time, duration FROM skysnap.profile_task FINAL
+--   WHERE service = 'shop' ORDER BY create_time DESC;
+CREATE TABLE IF NOT EXISTS skysnap.profile_task
+(
+    id                     String,
+    service                LowCardinality(String),
+    endpoint_name          String,
+    start_time             Int64,
+    duration               Int32,
+    min_duration_threshold Int32,
+    dump_period            Int32,
+    max_sampling_count     Int32,
+    create_time            Int64,
+    end_time               Int64,
+    time_bucket            Int64
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY intDiv(time_bucket, 10000)
+ORDER BY (service, id)
+TTL makeDate(intDiv(time_bucket, 100000000), intDiv(time_bucket, 1000000) % 100, intDiv(time_bucket, 10000) % 100) + INTERVAL 3 DAY;
+
+-- One row per (task, agent instance, operation): NOTIFIED (1) when the task was handed
+-- to the instance, EXECUTION_FINISHED (2) when the instance reported it done.
+-- time_bucket is the second of the task's end (yyyyMMddHHmmss), so logs expire with
+-- their task.
+--   SELECT instance, operation_name, operation_time FROM skysnap.profile_task_log FINAL
+--   WHERE task_id = '<task>' ORDER BY operation_time;
+CREATE TABLE IF NOT EXISTS skysnap.profile_task_log
+(
+    task_id        String,
+    instance       String,
+    operation      UInt8,
+    operation_name LowCardinality(String),
+    service        LowCardinality(String),
+    operation_time Int64,
+    time_bucket    Int64
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY intDiv(time_bucket, 1000000)
+ORDER BY (task_id, instance, operation)
+TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;
+
+-- One row per thread dump of a profiled segment, keyed by (task, segment, sequence).
+-- stack holds the frames root first, as the agent formatted them
+-- (Java: class.method:line, Python: file.func: line). time_bucket is the second of
+-- dump_time (yyyyMMddHHmmss).
+--   SELECT sequence, dump_time, stack FROM skysnap.profile_thread_snapshot FINAL
+--   WHERE task_id = '<task>' AND segment_id = '<segment>' ORDER BY sequence;
+CREATE TABLE IF NOT EXISTS skysnap.profile_thread_snapshot
+(
+    task_id     String,
+    segment_id  String,
+    sequence    Int32,
+    dump_time   Int64 CODEC(Delta, ZSTD(1)),
+    time_bucket Int64 CODEC(Delta, ZSTD(1)),
+    stack       Array(String) CODEC(ZSTD(3))
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY intDiv(time_bucket, 1000000)
+ORDER BY (task_id, segment_id, sequence)
+TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;

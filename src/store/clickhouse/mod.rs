@@ -1,0 +1,467 @@
+//! The ClickHouse store, over HTTP with the official `clickhouse` crate. Rows go as
+//! RowBinary (type validation off: servers as old as 18.16 lack the typed format).
+//! Every table is a ReplacingMergeTree ordered by its key, so reads use FINAL to see
+//! each key once. One INSERT per shard batch: the batch is acknowledged to the agents
+//! only after that INSERT commits.
+
+pub mod schema;
+
+use async_trait::async_trait;
+use clickhouse::{Client, Row};
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, TaskFilter};
+use crate::config::ClickHouseConfig;
+use crate::model::{minute_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
+use schema::ServerVersion;
+
+pub struct ClickHouseStore {
+    client: Client,
+    database: String,
+    version: ServerVersion,
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct TaskRow {
+    id: String,
+    service: String,
+    endpoint_name: String,
+    start_time: i64,
+    duration: i32,
+    min_duration_threshold: i32,
+    dump_period: i32,
+    max_sampling_count: i32,
+    create_time: i64,
+    end_time: i64,
+    time_bucket: i64,
+}
+
+impl From<&Task> for TaskRow {
+    fn from(task: &Task) -> TaskRow {
+        TaskRow {
+            id: task.id.clone(),
+            service: task.service.clone(),
+            endpoint_name: task.endpoint_name.clone(),
+            start_time: task.start_time,
+            duration: task.duration,
+            min_duration_threshold: task.min_duration_threshold,
+            dump_period: task.dump_period,
+            max_sampling_count: task.max_sampling_count,
+            create_time: task.create_time,
+            end_time: task.end_time(),
+            time_bucket: task.time_bucket(),
+        }
+    }
+}
+
+impl From<TaskRow> for Task {
+    fn from(row: TaskRow) -> Task {
+        Task {
+            id: row.id,
+            service: row.service,
+            endpoint_name: row.endpoint_name,
+            start_time: row.start_time,
+            duration: row.duration,
+            min_duration_threshold: row.min_duration_threshold,
+            dump_period: row.dump_period,
+            max_sampling_count: row.max_sampling_count,
+            create_time: row.create_time,
+        }
+    }
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct LogRow {
+    task_id: String,
+    instance: String,
+    operation: u8,
+    operation_name: String,
+    service: String,
+    operation_time: i64,
+    time_bucket: i64,
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct SnapshotRow {
+    task_id: String,
+    segment_id: String,
+    sequence: i32,
+    dump_time: i64,
+    time_bucket: i64,
+    stack: Vec<String>,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct SegmentRow {
+    segment_id: String,
+    snapshot_count: u64,
+    first_dump_time: i64,
+    last_dump_time: i64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct PartitionRow {
+    table: String,
+    partition: String,
+    rows: u64,
+}
+
+/// Network trouble, timeouts and a server that is overloaded or restarting may pass;
+/// everything else (bad SQL, schema mismatch) is final.
+fn map_error(error: clickhouse::error::Error) -> StoreError {
+    use clickhouse::error::Error;
+    let retriable = match &error {
+        Error::Network(_) | Error::TimedOut => true,
+        Error::BadResponse(message) => is_retriable_response(message),
+        _ => false,
+    };
+    if retriable {
+        StoreError::Unavailable(format!("clickhouse: {error}"))
+    } else {
+        StoreError::Rejected(format!("clickhouse: {error}"))
+    }
+}
+
+/// Server error codes that mean "try again later": timeouts, too many parts or
+/// queries, memory, network and keeper trouble, a table being (re)loaded.
+fn is_retriable_response(message: &str) -> bool {
+    const RETRIABLE_CODES: &[u32] = &[
+        3, 32, 159, 160, 164, 170, 198, 201, 202, 203, 209, 210, 236, 241, 242, 252, 285, 319, 341,
+        394, 425, 439, 999,
+    ];
+    let Some(code) = message
+        .split("Code: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse::<u32>().ok())
+    else {
+        // No ClickHouse error code: a proxy or the HTTP layer failed (e.g. 502/503).
+        return true;
+    };
+    RETRIABLE_CODES.contains(&code)
+}
+
+impl ClickHouseStore {
+    /// Connects, reads the server version and, when asked, applies the schema for it.
+    pub async fn connect(
+        config: &ClickHouseConfig,
+        retention_days: u32,
+    ) -> Result<ClickHouseStore, StoreError> {
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_validation(false);
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            client = client.with_password(password);
+        }
+        let version_text: String = client
+            .query("SELECT version()")
+            .fetch_one()
+            .await
+            .map_err(map_error)?;
+        let version = ServerVersion::parse(&version_text).ok_or_else(|| {
+            StoreError::Rejected(format!(
+                "clickhouse: cannot read server version {version_text:?}"
+            ))
+        })?;
+        if config.create_schema {
+            let ddl = schema::render(version, &config.database, retention_days);
+            for statement in schema::statements(&ddl) {
+                client
+                    .query(&statement)
+                    .execute()
+                    .await
+                    .map_err(map_error)?;
+            }
+        }
+        tracing::info!(%version, database = %config.database, ttl = version.is_modern(), "clickhouse store ready");
+        Ok(ClickHouseStore {
+            client: client.with_database(&config.database),
+            database: config.database.clone(),
+            version,
+        })
+    }
+
+    pub fn version(&self) -> ServerVersion {
+        self.version
+    }
+
+    async fn insert_rows<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), StoreError>
+    where
+        T: Row + clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<T>(table).await.map_err(map_error)?;
+        for row in rows {
+            insert.write(row).await.map_err(map_error)?;
+        }
+        // A dropped insert aborts; only `end` commits it.
+        insert.end().await.map_err(map_error)
+    }
+}
+
+#[async_trait]
+impl Store for ClickHouseStore {
+    fn kind(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .query("SELECT 1")
+            .execute()
+            .await
+            .map_err(map_error)
+    }
+
+    async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        self.insert_rows::<TaskRow>("profile_task", &[TaskRow::from(task)])
+            .await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        self.client
+            .query("SELECT ?fields FROM profile_task FINAL WHERE id = ? LIMIT 1")
+            .bind(id)
+            .fetch_optional::<TaskRow>()
+            .await
+            .map(|row| row.map(Task::from))
+            .map_err(map_error)
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>, StoreError> {
+        let service = filter.service.clone().unwrap_or_default();
+        let endpoint = filter.endpoint_name.clone().unwrap_or_default();
+        let rows = self
+            .client
+            .query(
+                "SELECT ?fields FROM profile_task FINAL \
+                 WHERE (? = '' OR service = ?) AND (? = '' OR endpoint_name = ?) \
+                 ORDER BY create_time DESC, id",
+            )
+            .bind(&service)
+            .bind(&service)
+            .bind(&endpoint)
+            .bind(&endpoint)
+            .fetch_all::<TaskRow>()
+            .await
+            .map_err(map_error)?;
+        Ok(rows.into_iter().map(Task::from).collect())
+    }
+
+    async fn overlapping_tasks(
+        &self,
+        service: &str,
+        start_time: i64,
+        end_time: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT ?fields FROM profile_task FINAL \
+                 WHERE service = ? AND start_time <= ? AND end_time >= ?",
+            )
+            .bind(service)
+            .bind(end_time)
+            .bind(start_time)
+            .fetch_all::<TaskRow>()
+            .await
+            .map_err(map_error)?;
+        Ok(rows.into_iter().map(Task::from).collect())
+    }
+
+    async fn unfinished_tasks(&self, now_ms: i64) -> Result<Vec<Task>, StoreError> {
+        let rows = self
+            .client
+            .query("SELECT ?fields FROM profile_task FINAL WHERE end_time >= ? ORDER BY service, create_time")
+            .bind(now_ms)
+            .fetch_all::<TaskRow>()
+            .await
+            .map_err(map_error)?;
+        Ok(rows.into_iter().map(Task::from).collect())
+    }
+
+    async fn insert_task_logs(&self, logs: &[TaskLog]) -> Result<(), StoreError> {
+        let rows: Vec<LogRow> = logs
+            .iter()
+            .map(|log| LogRow {
+                task_id: log.task_id.clone(),
+                instance: log.instance.clone(),
+                operation: log.operation.code() as u8,
+                operation_name: log.operation.name().to_string(),
+                service: log.service.clone(),
+                operation_time: log.operation_time,
+                time_bucket: log.time_bucket,
+            })
+            .collect();
+        self.insert_rows::<LogRow>("profile_task_log", &rows).await
+    }
+
+    async fn task_logs(&self, task_id: &str) -> Result<Vec<TaskLog>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT ?fields FROM profile_task_log FINAL WHERE task_id = ? \
+                 ORDER BY operation_time, instance, operation",
+            )
+            .bind(task_id)
+            .fetch_all::<LogRow>()
+            .await
+            .map_err(map_error)?;
+        rows.into_iter()
+            .map(|row| {
+                let operation =
+                    Operation::from_code(i64::from(row.operation)).ok_or_else(|| {
+                        StoreError::Rejected(format!(
+                            "clickhouse: unknown task log operation {}",
+                            row.operation
+                        ))
+                    })?;
+                Ok(TaskLog {
+                    task_id: row.task_id,
+                    service: row.service,
+                    instance: row.instance,
+                    operation,
+                    operation_time: row.operation_time,
+                    time_bucket: row.time_bucket,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError> {
+        let rows: Vec<SnapshotRow> = snapshots
+            .iter()
+            .map(|snapshot| SnapshotRow {
+                task_id: snapshot.task_id.clone(),
+                segment_id: snapshot.segment_id.clone(),
+                sequence: snapshot.sequence,
+                dump_time: snapshot.dump_time,
+                time_bucket: snapshot.time_bucket(),
+                stack: snapshot.stack.clone(),
+            })
+            .collect();
+        self.insert_rows::<SnapshotRow>("profile_thread_snapshot", &rows)
+            .await
+    }
+
+    async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT segment_id, count() AS snapshot_count, min(dump_time) AS first_dump_time, \
+                 max(dump_time) AS last_dump_time \
+                 FROM (SELECT segment_id, dump_time FROM profile_thread_snapshot FINAL WHERE task_id = ?) \
+                 GROUP BY segment_id ORDER BY first_dump_time, segment_id",
+            )
+            .bind(task_id)
+            .fetch_all::<SegmentRow>()
+            .await
+            .map_err(map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| SegmentSummary {
+                segment_id: row.segment_id,
+                snapshot_count: i64::try_from(row.snapshot_count).unwrap_or(i64::MAX),
+                first_dump_time: row.first_dump_time,
+                last_dump_time: row.last_dump_time,
+            })
+            .collect())
+    }
+
+    async fn segment_snapshots(
+        &self,
+        segment_id: &str,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT ?fields FROM profile_thread_snapshot FINAL WHERE segment_id = ? \
+                 ORDER BY sequence, task_id LIMIT ?",
+            )
+            .bind(segment_id)
+            .bind(limit as u64)
+            .fetch_all::<SnapshotRow>()
+            .await
+            .map_err(map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| SnapshotRecord {
+                task_id: row.task_id,
+                segment_id: row.segment_id,
+                sequence: row.sequence,
+                dump_time: row.dump_time,
+                stack: row.stack,
+            })
+            .collect())
+    }
+
+    async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        if self.version.is_modern() {
+            // Table TTL removes expired rows on its own.
+            return Ok(0);
+        }
+        // Each table is partitioned by the day of its time bucket; a partition is
+        // dropped once its whole day is older than the cut-off day.
+        let cutoff_day = minute_bucket(cutoff_ms) / 10_000;
+        let partitions = self
+            .client
+            .query(
+                "SELECT table, partition, sum(rows) AS rows FROM system.parts \
+                 WHERE database = ? AND active AND table IN \
+                 ('profile_task', 'profile_task_log', 'profile_thread_snapshot') \
+                 GROUP BY table, partition",
+            )
+            .bind(&self.database)
+            .fetch_all::<PartitionRow>()
+            .await
+            .map_err(map_error)?;
+        let mut removed = 0;
+        for partition in partitions {
+            let Ok(day) = partition.partition.trim_matches('\'').parse::<i64>() else {
+                continue;
+            };
+            if day >= cutoff_day {
+                continue;
+            }
+            self.client
+                .query(&format!(
+                    "ALTER TABLE {} DROP PARTITION {day}",
+                    partition.table
+                ))
+                .execute()
+                .await
+                .map_err(map_error)?;
+            tracing::info!(table = %partition.table, day, rows = partition.rows, "expired partition dropped");
+            removed += partition.rows;
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_clickhouse_retriable_codes() {
+        assert!(is_retriable_response(
+            "Code: 252, e.displayText() = DB::Exception: Too many parts"
+        ));
+        assert!(is_retriable_response(
+            "Code: 159. DB::Exception: Timeout exceeded"
+        ));
+        assert!(!is_retriable_response(
+            "Code: 62, e.displayText() = DB::Exception: Syntax error"
+        ));
+        assert!(!is_retriable_response(
+            "Code: 60. DB::Exception: Table skysnap.x doesn't exist"
+        ));
+        assert!(is_retriable_response("502 Bad Gateway"));
+    }
+}

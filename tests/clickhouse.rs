@@ -1,0 +1,224 @@
+//! The ClickHouse store against the real server the test command starts (Debian's
+//! ClickHouse 18.16 on loopback), a fresh database per test.
+
+mod common;
+
+use std::time::Duration;
+
+use skysnap::proto::v3::{ProfileTaskCommandQuery, ProfileTaskFinishReport, ThreadSnapshot};
+
+use common::{
+    clickhouse, clickhouse_count, clickhouse_url, eventually, fresh_database, snapshot, Server,
+};
+
+fn clickhouse_env(database: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("SKYSNAP_STORE_KIND", "clickhouse".to_string()),
+        ("SKYSNAP_CLICKHOUSE_URL", clickhouse_url()),
+        ("SKYSNAP_CLICKHOUSE_DATABASE", database.to_string()),
+    ]
+}
+
+fn start(env: &[(&'static str, String)]) -> Server {
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(&pairs)
+}
+
+#[tokio::test]
+async fn test_clickhouse_direct_50000_snapshots_over_20_streams() {
+    let database = fresh_database("direct");
+    let mut server = start(&clickhouse_env(&database));
+    let task = server.create_task("shop", "/orders").await;
+    let task_id = task["id"].as_str().unwrap().to_string();
+
+    let stream_of = |stream: usize| -> Vec<ThreadSnapshot> {
+        (0..2_500)
+            .map(|n| snapshot(&task_id, &format!("ch-seg-{stream:02}"), n))
+            .collect()
+    };
+    let mut senders = Vec::new();
+    for stream in 0..20 {
+        let mut client = server.profile_client().await;
+        let messages = stream_of(stream);
+        senders.push(tokio::spawn(async move {
+            client.collect_snapshot(tokio_stream::iter(messages)).await
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap().expect("every stream acknowledged");
+    }
+    // Two streams sent again: acknowledged, and collapsed by key.
+    let mut client = server.profile_client().await;
+    for stream in [3, 17] {
+        client
+            .collect_snapshot(tokio_stream::iter(stream_of(stream)))
+            .await
+            .unwrap();
+    }
+
+    let table = format!("{database}.profile_thread_snapshot");
+    // Physically 55,000 rows until background merges collapse the re-sent ones.
+    let physical = clickhouse_count(&format!("SELECT count() FROM {table}")).await;
+    assert!((50_000..=55_000).contains(&physical), "{physical}");
+    assert_eq!(
+        clickhouse_count(&format!("SELECT count() FROM {table} FINAL")).await,
+        50_000
+    );
+    let stacks = clickhouse(&format!(
+        "SELECT stack FROM {table} FINAL WHERE segment_id = 'ch-seg-05' AND sequence = 7 FORMAT TSV"
+    ))
+    .await;
+    assert!(
+        stacks.starts_with("['com.example.Service0.method0:1'"),
+        "{stacks}"
+    );
+
+    // Every API query is answered from ClickHouse.
+    let (status, segments) = server
+        .get(&format!("/api/v1/tasks/{task_id}/segments"))
+        .await;
+    assert_eq!(status, 200);
+    let segments = segments.as_array().unwrap();
+    assert_eq!(segments.len(), 20);
+    assert!(
+        segments.iter().all(|s| s["snapshot_count"] == 2_500),
+        "{segments:?}"
+    );
+    let (_, rows) = server.get("/api/v1/segments/ch-seg-17/snapshots").await;
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2_500);
+    assert!(rows
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r["sequence"] == i as i64));
+    assert_eq!(rows[3]["stack"].as_array().unwrap().len(), 10);
+    let (_, tasks) = server.get("/api/v1/tasks?service=shop").await;
+    assert_eq!(tasks[0]["id"], task_id.as_str());
+    assert_eq!(server.get(&format!("/api/v1/tasks/{task_id}")).await.0, 200);
+    assert_eq!(server.get("/api/v1/tasks/none").await.0, 404);
+    // Overlap is checked against ClickHouse too.
+    let (status, body) = server
+        .post(
+            "/api/v1/tasks",
+            serde_json::json!({"service": "shop", "endpoint_name": "/x", "duration": 1,
+                "min_duration_threshold": 0, "dump_period": 10, "max_sampling_count": 1}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            400,
+            Some("current service already has monitor task execute at this time")
+        )
+    );
+
+    let mut profile = server.profile_client().await;
+    for _ in 0..3 {
+        let commands = profile
+            .get_profile_task_commands(ProfileTaskCommandQuery {
+                service: "shop".into(),
+                service_instance: "shop-1".into(),
+                last_command_time: -1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(commands.commands.len(), 1);
+    }
+    profile
+        .report_task_finish(ProfileTaskFinishReport {
+            service: "shop".into(),
+            service_instance: "shop-1".into(),
+            task_id: task_id.clone(),
+        })
+        .await
+        .unwrap();
+    let logs = eventually(Duration::from_secs(10), || async {
+        let (_, logs) = server.get(&format!("/api/v1/tasks/{task_id}/logs")).await;
+        let logs = logs.as_array().cloned().unwrap_or_default();
+        (logs.len() == 2).then_some(logs)
+    })
+    .await;
+    assert_eq!(logs[0]["operation"], "NOTIFIED");
+    assert_eq!(logs[1]["operation"], "EXECUTION_FINISHED");
+    assert_eq!(server.get("/readyz").await.1["store"], "clickhouse");
+    server.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}
+
+#[tokio::test]
+async fn test_clickhouse_schema_for_old_server_has_no_ttl() {
+    let database = fresh_database("schema");
+    let mut server = start(&clickhouse_env(&database));
+    let ddl = clickhouse(&format!(
+        "SHOW CREATE TABLE {database}.profile_thread_snapshot FORMAT TSVRaw"
+    ))
+    .await;
+    assert!(ddl.contains("ReplacingMergeTree"), "{ddl}");
+    assert!(
+        ddl.contains("PARTITION BY intDiv(time_bucket, 1000000)"),
+        "{ddl}"
+    );
+    assert!(!ddl.contains("TTL"), "18.16 has no TTL: {ddl}");
+    server.stop();
+    // A second start on the same database finds the tables there.
+    let mut again = start(&clickhouse_env(&database));
+    again.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}
+
+#[tokio::test]
+async fn test_clickhouse_retention_drops_expired_partitions() {
+    let database = fresh_database("retention");
+    let mut env = clickhouse_env(&database);
+    env.push(("SKYSNAP_RETENTION_CHECK_INTERVAL_MS", "300".to_string()));
+    let mut server = start(&env);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let day_ms = 86_400_000;
+    let at = |segment: &str, sequence: i32, time: i64| ThreadSnapshot {
+        time,
+        ..snapshot("task-ret", segment, sequence)
+    };
+    let mut messages: Vec<ThreadSnapshot> = (0..10)
+        .map(|n| at("old-seg", n, now_ms - 5 * day_ms))
+        .collect();
+    messages.extend((0..10).map(|n| at("edge-seg", n, now_ms - 2 * day_ms)));
+    messages.extend((0..10).map(|n| at("new-seg", n, now_ms)));
+    let mut client = server.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(messages))
+        .await
+        .unwrap();
+
+    let table = format!("{database}.profile_thread_snapshot");
+    eventually(Duration::from_secs(10), || async {
+        let old = clickhouse_count(&format!(
+            "SELECT count() FROM {table} WHERE segment_id = 'old-seg'"
+        ))
+        .await;
+        (old == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT count() FROM {table} WHERE segment_id = 'edge-seg'"
+        ))
+        .await,
+        10
+    );
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT count() FROM {table} WHERE segment_id = 'new-seg'"
+        ))
+        .await,
+        10
+    );
+    assert!(
+        server
+            .metric("skysnap_retention_rows_removed_total", &[])
+            .await
+            >= 10.0
+    );
+    server.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every skysnap test on a fresh machine, installing what the tests need when it is
 # missing: builds once, checks formatting and lints, installs and starts ClickHouse
-# (Debian's package) on loopback, runs the unit and integration tests (the real
+# (Debian's package) and Apache Kafka (KRaft, jars from Maven Central) on loopback, runs the unit and integration tests (the real
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
 # (apache-skywalking==1.2.0). Stops the servers it started.
@@ -20,17 +20,19 @@ for component in rustfmt clippy; do
 done
 
 step "build"
+scripts/build-deps.sh
 cargo build --locked --all-targets
 
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 
-step "servers: ClickHouse on loopback"
-scripts/services/clickhouse.sh install
-scripts/services/clickhouse.sh start
-trap 'scripts/services/clickhouse.sh stop >/dev/null 2>&1 || true' EXIT
+step "servers: ClickHouse and Kafka on loopback"
+trap 'scripts/services/all.sh stop >/dev/null 2>&1 || true' EXIT
+scripts/services/all.sh install
+scripts/services/all.sh start
 export SKYSNAP_TEST_CLICKHOUSE_URL="http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-18123}"
+export SKYSNAP_TEST_KAFKA_BROKERS="127.0.0.1:${KAFKA_PORT:-19092}"
 
 step "unit and integration tests"
 cargo test --locked

@@ -179,6 +179,20 @@ pub struct KafkaConfig {
     /// Comma-separated bootstrap servers; empty turns Kafka off.
     pub brokers: String,
     pub topic: String,
+    /// Consumer group of `skysnap consume`.
+    pub group_id: String,
+    /// Milliseconds librdkafka keeps trying to deliver a message before the batch fails
+    /// (and is retried within the sink budget).
+    pub message_timeout_ms: u64,
+    /// Milliseconds librdkafka waits to fill a produce batch.
+    pub linger_ms: u64,
+    /// Snapshots `skysnap consume` commits to the store at once at most.
+    pub consume_batch_snapshots: usize,
+    /// Milliseconds `skysnap consume` waits to fill a batch before committing it.
+    pub consume_batch_wait_ms: u64,
+    /// Further librdkafka settings for producer and consumer alike, e.g.
+    /// `security.protocol: ssl`, `sasl.mechanisms: PLAIN`.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -186,6 +200,12 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: String::new(),
             topic: "skywalking-profilings".to_string(),
+            group_id: "skysnap-consumer".to_string(),
+            message_timeout_ms: 10_000,
+            linger_ms: 5,
+            consume_batch_snapshots: 2_000,
+            consume_batch_wait_ms: 200,
+            properties: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -487,13 +507,20 @@ impl Config {
                 "must be a plain name: letters, digits, _",
             );
         }
-        if self.pipeline.mode == PipelineMode::Kafka || !self.kafka.brokers.trim().is_empty() {
-            return invalid(
-                "kafka.brokers",
-                "the Kafka sink is not implemented yet in this version; leave kafka.brokers empty and pipeline.mode direct",
-            );
+        if self.pipeline.mode == PipelineMode::Kafka && !self.kafka_enabled() {
+            return invalid("kafka.brokers", "pipeline.mode kafka needs kafka.brokers");
+        }
+        if self.kafka.topic.is_empty() {
+            return invalid("kafka.topic", "must not be empty");
+        }
+        if self.kafka.consume_batch_snapshots == 0 {
+            return invalid("kafka.consume_batch_snapshots", "must be greater than zero");
         }
         Ok(())
+    }
+
+    pub fn kafka_enabled(&self) -> bool {
+        !self.kafka.brokers.trim().is_empty()
     }
 
     /// Shard count after resolving 0 to the number of cores.

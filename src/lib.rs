@@ -8,6 +8,7 @@
 pub mod actors;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

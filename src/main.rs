@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the backend: agent gRPC, HTTP API, metrics.
     Serve(ServeArgs),
+    /// Move the Kafka snapshot topic into the store (pipeline.mode kafka).
+    Consume(ServeArgs),
     /// Create and inspect profile tasks through a running skysnap's HTTP API.
     Task(TaskArgs),
     /// Print the ClickHouse DDL skysnap would apply (for `clickhouse.create_schema: false`).
@@ -137,7 +139,7 @@ fn init_logging() {
         .init();
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<bool> {
+fn load_config(args: ServeArgs) -> anyhow::Result<Config> {
     let default_file = PathBuf::from("config/skysnap.yaml");
     let config_path = args
         .config
@@ -161,7 +163,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<bool> {
     if let Some(path) = &config_path {
         tracing::info!(config = %path.display(), "configuration read");
     }
-    skysnap::server::run(config)
+    Ok(config)
 }
 
 fn schema(args: SchemaArgs) -> anyhow::Result<()> {
@@ -245,11 +247,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).inspect(|clean| {
-            if !clean {
-                tracing::error!("shutdown was not clean: see the errors above");
-            }
-        }),
+        Command::Consume(args) => load_config(args).and_then(skysnap::consume::run),
+        Command::Serve(args) => load_config(args)
+            .and_then(skysnap::server::run)
+            .inspect(|clean| {
+                if !clean {
+                    tracing::error!("shutdown was not clean: see the errors above");
+                }
+            }),
         Command::Schema(args) => schema(args).map(|()| true),
         Command::Task(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use crate::actors::instances::InstanceRegistry;
 use crate::actors::retention::RetentionActor;
 use crate::actors::shard::{BatchLimits, CloseReason, Flush, SnapshotShard};
+use crate::actors::sink::kafka::KafkaSink;
 use crate::actors::sink::retry::RetryPolicy;
 use crate::actors::sink::store::StoreSink;
 use crate::actors::sink::SnapshotSink;
@@ -17,7 +18,7 @@ use crate::actors::task_by_id::TaskByIdCache;
 use crate::actors::task_cache::{Refresh, TaskCacheActor};
 use crate::actors::task_log::{FlushLogs, TaskLogWriter};
 use crate::actors::task_registry::TaskRegistry;
-use crate::config::Config;
+use crate::config::{Config, PipelineMode};
 use crate::store::Store;
 
 /// Addresses of the running actors, cloned into every request handler.
@@ -31,6 +32,8 @@ pub struct Handles {
     pub instances: Addr<InstanceRegistry>,
     pub retention: Addr<RetentionActor>,
     pub store: Arc<dyn Store>,
+    /// Where shards commit batches; asked by `/readyz`.
+    pub sinks: Arc<[Arc<dyn SnapshotSink>]>,
 }
 
 /// The running pipeline: the handles plus the threads its actors live on.
@@ -54,11 +57,12 @@ impl Pipeline {
             flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms),
         };
         let retry = RetryPolicy::from_config(&config.sink);
+        let shard_sinks = sinks.clone();
         let mut arbiters = Vec::new();
         let mut shards = Vec::new();
         for _ in 0..config.shard_count() {
             let arbiter = Arbiter::new();
-            let (sinks, limits, retry) = (sinks.clone(), limits.clone(), retry.clone());
+            let (sinks, limits, retry) = (shard_sinks.clone(), limits.clone(), retry.clone());
             let capacity = config.pipeline.shard_mailbox_capacity;
             shards.push(SnapshotShard::start_in_arbiter(
                 &arbiter.handle(),
@@ -126,6 +130,7 @@ impl Pipeline {
                 instances,
                 retention,
                 store,
+                sinks,
             },
             arbiters,
         }
@@ -176,6 +181,9 @@ impl Pipeline {
                 clean = false;
             }
         }
+        for sink in self.handles.sinks.iter() {
+            sink.close().await;
+        }
         for arbiter in &self.arbiters {
             arbiter.stop();
         }
@@ -183,7 +191,21 @@ impl Pipeline {
     }
 }
 
-/// The sinks of a configuration, store first.
-pub fn sinks_for(store: Arc<dyn Store>) -> Vec<Arc<dyn SnapshotSink>> {
-    vec![Arc::new(StoreSink::new(store))]
+/// The sinks of a configuration: `direct` writes to the store, then (when brokers are
+/// set) copies to Kafka; `kafka` writes to Kafka only.
+pub fn sinks_for(
+    config: &Config,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<Vec<Arc<dyn SnapshotSink>>> {
+    let mut sinks: Vec<Arc<dyn SnapshotSink>> = Vec::new();
+    if config.pipeline.mode == PipelineMode::Direct {
+        sinks.push(Arc::new(StoreSink::new(store)));
+    }
+    if config.kafka_enabled() {
+        let kafka = KafkaSink::new(&config.kafka).map_err(|error| {
+            anyhow::anyhow!("cannot use kafka.brokers {}: {error}", config.kafka.brokers)
+        })?;
+        sinks.push(Arc::new(kafka));
+    }
+    Ok(sinks)
 }

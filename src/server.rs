@@ -32,7 +32,7 @@ pub fn run(config: Config) -> anyhow::Result<bool> {
     system.block_on(serve(config))
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Sqlite => {
             let path = config.sqlite.path.clone();
@@ -61,11 +61,11 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
         .with_context(|| format!("cannot listen on {key} {addr}"))
 }
 
-async fn stopped(mut stop: watch::Receiver<bool>) {
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-async fn signal() {
+pub async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -88,7 +88,7 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
     let http_listener = bind("http.addr", config.http.addr).await?;
     let metrics_listener = bind("metrics.addr", config.metrics.addr).await?;
 
-    let pipeline = Pipeline::spawn(&config, store.clone(), sinks_for(store));
+    let pipeline = Pipeline::spawn(&config, store.clone(), sinks_for(&config, store)?);
     pipeline.warm_up().await;
 
     let (stop_sender, stop) = watch::channel(false);

@@ -119,17 +119,37 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let store = state.handles.store.kind();
-    match state.handles.store.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ready", "store": store })),
-        ),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "store": store, "error": error.to_string() })),
-        ),
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    let store = state.handles.store.ping().await;
+    ready &= store.is_ok();
+    checks.insert(
+        format!("store:{}", state.handles.store.kind()),
+        json!(store
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "ok".to_string())),
+    );
+    for sink in state.handles.sinks.iter() {
+        let outcome = sink.ready().await;
+        ready &= outcome.is_ok();
+        checks.insert(
+            format!("sink:{}", sink.name()),
+            json!(outcome
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "ok".to_string())),
+        );
     }
+    let (status, word) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    (
+        status,
+        Json(json!({ "status": word, "store": state.handles.store.kind(), "checks": checks })),
+    )
 }
 
 pub async fn not_found() -> ApiError {

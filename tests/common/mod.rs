@@ -362,3 +362,167 @@ pub async fn clickhouse(sql: &str) -> String {
 pub async fn clickhouse_count(sql: &str) -> i64 {
     clickhouse(sql).await.trim().parse().expect("a number")
 }
+
+/// The Kafka broker the test command started (Apache Kafka 4.x, KRaft, loopback).
+pub fn kafka_brokers() -> String {
+    std::env::var("SKYSNAP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_string())
+}
+
+/// Creates a fresh topic with the given partitions and returns its name.
+pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("kafka admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "Kafka is not reachable at {} ({error}); run the tests through ./scripts/test.sh, which starts it",
+                kafka_brokers()
+            )
+        });
+    for result in results {
+        result.expect("topic created");
+    }
+    name
+}
+
+/// One message read back from a topic.
+pub struct TopicMessage {
+    pub key: Vec<u8>,
+    pub partition: i32,
+    pub snapshot: ThreadSnapshot,
+}
+
+/// Reads every message now in the topic (up to each partition's end offset), decoding
+/// each value as a `ThreadSnapshot`.
+pub fn read_topic(topic: &str) -> Vec<TopicMessage> {
+    use prost::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set(
+            "group.id",
+            format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = std::collections::HashMap::new();
+    for partition in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(10))
+            .expect("watermarks");
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .unwrap();
+        remaining += high - low;
+        ends.insert(*partition, high);
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut messages = Vec::new();
+    let started = Instant::now();
+    while (messages.len() as i64) < remaining {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "topic {topic} not read in time"
+        );
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.expect("kafka message");
+        if message.offset() >= ends[&message.partition()] {
+            continue;
+        }
+        let snapshot = ThreadSnapshot::decode(message.payload().unwrap_or_default())
+            .expect("value is a ThreadSnapshot");
+        messages.push(TopicMessage {
+            key: message.key().unwrap_or_default().to_vec(),
+            partition: message.partition(),
+            snapshot,
+        });
+    }
+    messages
+}
+
+/// `skysnap consume` as a child process.
+pub struct Consumer {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Consumer {
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Consumer {
+        let stderr = std::fs::File::create(dir.join("consume.log")).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+        command
+            .args(["consume", "--metrics-addr", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("SKYSNAP_KAFKA_BROKERS", kafka_brokers())
+            .env("SKYSNAP_KAFKA_CONSUME_BATCH_WAIT_MS", "100")
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        Consumer {
+            child: command.spawn().expect("skysnap consume starts"),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("consume.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(status.success(), "consume exited {status}:\n{}", self.log());
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "consume did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,6 +1,7 @@
 //! Where shard batches go. A sink writes one batch and says whether a failure may pass
 //! (retriable) or not (final); `retry` decides how long to keep trying.
 
+pub mod kafka;
 pub mod retry;
 pub mod store;
 
@@ -25,6 +26,14 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// Writes the whole batch, or fails without a partial write being visible as missing
     /// data (a retried batch may re-write rows; stores collapse them by key).
     async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError>;
+
+    /// Whether the sink can take writes now (for `/readyz`).
+    async fn ready(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Hands over whatever the sink still buffers; called once at shutdown.
+    async fn close(&self) {}
 }
 
 /// Accepts and forgets everything: the baseline for benchmarks of the pipeline itself.

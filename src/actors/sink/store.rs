@@ -34,4 +34,12 @@ impl SnapshotSink for StoreSink {
                 message: error.to_string(),
             })
     }
+
+    async fn ready(&self) -> Result<(), SinkError> {
+        self.store.ping().await.map_err(|error| SinkError {
+            sink: self.store.kind(),
+            retriable: error.is_retriable(),
+            message: error.to_string(),
+        })
+    }
 }

@@ -186,6 +186,9 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// Milliseconds librdkafka waits to fill a produce batch.
     pub linger_ms: u64,
+    /// Milliseconds after which a silent consumer leaves its group and its partitions go
+    /// to the others (librdkafka's `session.timeout.ms`).
+    pub session_timeout_ms: u64,
     /// Snapshots `skysnap consume` commits to the store at once at most.
     pub consume_batch_snapshots: usize,
     /// Milliseconds `skysnap consume` waits to fill a batch before committing it.
@@ -203,6 +206,7 @@ impl Default for KafkaConfig {
             group_id: "skysnap-consumer".to_string(),
             message_timeout_ms: 10_000,
             linger_ms: 5,
+            session_timeout_ms: 45_000,
             consume_batch_snapshots: 2_000,
             consume_batch_wait_ms: 200,
             properties: std::collections::BTreeMap::new(),

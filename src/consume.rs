@@ -49,6 +49,10 @@ async fn consume(config: Config) -> anyhow::Result<bool> {
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        .set(
+            "session.timeout.ms",
+            config.kafka.session_timeout_ms.to_string(),
+        )
         .create()
         .with_context(|| format!("cannot use kafka.brokers {}", config.kafka.brokers))?;
     consumer

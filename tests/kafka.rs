@@ -96,20 +96,20 @@ async fn test_kafka_mode_to_topic_then_consume_into_clickhouse_and_sqlite() {
         "spread over partitions"
     );
 
-    // One consumer into ClickHouse, another group into SQLite.
+    // Two members of one group into ClickHouse, another group into SQLite.
     let database = fresh_database("consume");
     let url = clickhouse_url();
     let clickhouse_dir = tempfile::tempdir().unwrap();
-    let mut into_clickhouse = Consumer::start(
-        clickhouse_dir.path(),
-        &[
-            ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
-            ("SKYSNAP_KAFKA_GROUP_ID", "ch-group"),
-            ("SKYSNAP_STORE_KIND", "clickhouse"),
-            ("SKYSNAP_CLICKHOUSE_URL", url.as_str()),
-            ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
-        ],
-    );
+    let clickhouse_env = [
+        ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
+        ("SKYSNAP_KAFKA_GROUP_ID", "ch-group"),
+        ("SKYSNAP_KAFKA_CONSUME_BATCH_SNAPSHOTS", "1000"),
+        ("SKYSNAP_STORE_KIND", "clickhouse"),
+        ("SKYSNAP_CLICKHOUSE_URL", url.as_str()),
+        ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
+    ];
+    let mut into_clickhouse = Consumer::start(clickhouse_dir.path(), &clickhouse_env);
+    let mut into_clickhouse_too = Consumer::start(clickhouse_dir.path(), &clickhouse_env);
     let sqlite_dir = tempfile::tempdir().unwrap();
     let sqlite_path = sqlite_dir.path().join("consumed.db");
     let mut into_sqlite = Consumer::start(
@@ -141,7 +141,14 @@ async fn test_kafka_mode_to_topic_then_consume_into_clickhouse_and_sqlite() {
         )
     })
     .await;
+    let (first, second) = (
+        into_clickhouse.committed().await,
+        into_clickhouse_too.committed().await,
+    );
+    eprintln!("group members committed {first} and {second} snapshots");
+    assert!(first + second >= expected as f64, "{first} + {second}");
     into_clickhouse.stop();
+    into_clickhouse_too.stop();
     into_sqlite.stop();
     receiver.stop();
     clickhouse(&format!("DROP DATABASE {database}")).await;
@@ -165,6 +172,8 @@ async fn test_consumer_killed_mid_topic_and_restarted_misses_nothing() {
         ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
         ("SKYSNAP_KAFKA_GROUP_ID", "kill-group"),
         ("SKYSNAP_KAFKA_CONSUME_BATCH_SNAPSHOTS", "500"),
+        // The killed member's partitions free up after this.
+        ("SKYSNAP_KAFKA_SESSION_TIMEOUT_MS", "6000"),
         ("SKYSNAP_SQLITE_PATH", db.to_str().unwrap()),
     ];
     let expected = (STREAMS * PER_STREAM as usize) as i64;

@@ -243,11 +243,8 @@ async fn test_store_down_past_retry_budget_answers_unavailable_and_counts() {
 }
 
 fn skysnap(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
-    command
-        .args(args)
-        .env_remove("SKYSNAP_SERVER")
-        .env_remove("SKYSNAP_AUTH_ADMIN_TOKEN");
+    let mut command = common::skysnap_command();
+    command.args(args);
     for (key, value) in env {
         command.env(key, value);
     }

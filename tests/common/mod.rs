@@ -14,6 +14,18 @@ use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
 use skysnap::proto::v3::{ThreadSnapshot, ThreadStack};
 use tonic::transport::Channel;
 
+/// The binary with none of the caller's `SKYSNAP_*` variables (the test command's own
+/// `SKYSNAP_TEST_*` among them): skysnap refuses variables it does not know.
+pub fn skysnap_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SKYSNAP_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 pub struct Server {
     child: Option<Child>,
     pub grpc: String,
@@ -37,7 +49,7 @@ impl Server {
     /// Starts skysnap in `dir` (its database is `dir/skysnap.db`).
     pub fn start_in(dir: &Path, env: &[(&str, &str)]) -> Server {
         let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+        let mut command = skysnap_command();
         command
             .args([
                 "serve",
@@ -469,18 +481,24 @@ pub fn read_topic(topic: &str) -> Vec<TopicMessage> {
 pub struct Consumer {
     pub child: Child,
     pub dir: PathBuf,
+    /// Names this consumer's log and output files.
+    id: String,
 }
 
 impl Consumer {
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Consumer {
-        let stderr = std::fs::File::create(dir.join("consume.log")).expect("log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_skysnap"));
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let stderr =
+            std::fs::File::create(dir.join(format!("consume-{id}.log"))).expect("log file");
+        let stdout =
+            std::fs::File::create(dir.join(format!("consume-{id}.out"))).expect("out file");
+        let mut command = skysnap_command();
         command
             .args(["consume", "--metrics-addr", "127.0.0.1:0"])
             .current_dir(dir)
             .env("SKYSNAP_KAFKA_BROKERS", kafka_brokers())
             .env("SKYSNAP_KAFKA_CONSUME_BATCH_WAIT_MS", "100")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr);
         for (key, value) in env {
             command.env(key, value);
@@ -488,11 +506,32 @@ impl Consumer {
         Consumer {
             child: command.spawn().expect("skysnap consume starts"),
             dir: dir.to_path_buf(),
+            id,
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("consume.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(format!("consume-{}.log", self.id)))
+            .unwrap_or_default()
+    }
+
+    /// The snapshots this consumer committed, from its `/metrics`.
+    pub async fn committed(&self) -> f64 {
+        let out = std::fs::read_to_string(self.dir.join(format!("consume-{}.out", self.id)))
+            .unwrap_or_default();
+        let Some(addr) = out
+            .split_whitespace()
+            .find_map(|part| part.strip_prefix("metrics="))
+        else {
+            return 0.0;
+        };
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("consumer metrics")
+            .text()
+            .await
+            .unwrap();
+        parse_metric(&text, "skysnap_snapshots_committed_total", &[])
     }
 
     pub fn kill9(&mut self) {

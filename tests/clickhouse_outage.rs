@@ -5,29 +5,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use skysnap::proto::v3::ThreadSnapshot;
-
-use common::{clickhouse, clickhouse_url, fresh_database, snapshot, Server};
-
-fn clickhouse_service(action: &str) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/services/clickhouse.sh"
-    );
-    let output = Command::new(script)
-        .arg(action)
-        .output()
-        .expect("clickhouse.sh runs");
-    assert!(
-        output.status.success(),
-        "clickhouse.sh {action}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use common::{
+    clickhouse, clickhouse_url, fresh_database, service, spawn_stream_load, LoadOutcome, Server,
+};
 
 #[tokio::test]
 async fn test_clickhouse_outage_loses_nothing_acknowledged() {
@@ -39,42 +21,20 @@ async fn test_clickhouse_outage_loses_nothing_acknowledged() {
         ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
         ("SKYSNAP_SINK_RETRY_BUDGET_MS", "4000"),
     ]);
-    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
-    let refused: Arc<Mutex<HashMap<String, tonic::Code>>> = Arc::default();
     let load_until = Instant::now() + Duration::from_secs(26);
-    let mut workers = Vec::new();
-    for worker in 0..8 {
-        let mut client = server.profile_client().await;
-        let (acknowledged, refused) = (acknowledged.clone(), refused.clone());
-        workers.push(tokio::spawn(async move {
-            let mut round = 0;
-            while Instant::now() < load_until {
-                round += 1;
-                let segment = format!("out-{worker}-{round}");
-                let messages: Vec<ThreadSnapshot> = (0..500)
-                    .map(|n| snapshot("task-out", &segment, n))
-                    .collect();
-                match client.collect_snapshot(tokio_stream::iter(messages)).await {
-                    Ok(_) => acknowledged.lock().unwrap().push(segment),
-                    Err(status) => {
-                        refused.lock().unwrap().insert(segment, status.code());
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        }));
-    }
+    let (outcome, workers) = spawn_stream_load(&server, "out", 8, 500, load_until).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let acknowledged_before = acknowledged.lock().unwrap().len();
-    clickhouse_service("stop");
+    let acknowledged_before = outcome.lock().unwrap().acknowledged.len();
+    service("clickhouse", "stop");
     tokio::time::sleep(Duration::from_secs(15)).await;
-    clickhouse_service("start");
+    service("clickhouse", "start");
     for worker in workers {
         worker.await.unwrap();
     }
-
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    let refused = refused.lock().unwrap().clone();
+    let LoadOutcome {
+        acknowledged,
+        refused,
+    } = std::mem::take(&mut *outcome.lock().unwrap());
     let counts_text = clickhouse(&format!(
         "SELECT segment_id, count() FROM {database}.profile_thread_snapshot FINAL GROUP BY segment_id FORMAT TSV"
     ))

@@ -5,26 +5,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use skysnap::proto::v3::ThreadSnapshot;
-
-use common::{fresh_topic, kafka_brokers, read_topic, snapshot, Server};
-
-fn kafka_service(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services/kafka.sh");
-    let output = Command::new(script)
-        .arg(action)
-        .output()
-        .expect("kafka.sh runs");
-    assert!(
-        output.status.success(),
-        "kafka.sh {action}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use common::{
+    fresh_topic, kafka_brokers, read_topic, service, spawn_stream_load, LoadOutcome, Server,
+};
 
 #[tokio::test]
 async fn test_kafka_broker_restart_loses_nothing_acknowledged() {
@@ -37,40 +22,20 @@ async fn test_kafka_broker_restart_loses_nothing_acknowledged() {
         ("SKYSNAP_KAFKA_MESSAGE_TIMEOUT_MS", "3000"),
         ("SKYSNAP_SINK_RETRY_BUDGET_MS", "4000"),
     ]);
-    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
-    let refused: Arc<Mutex<HashMap<String, tonic::Code>>> = Arc::default();
     let load_until = Instant::now() + Duration::from_secs(30);
-    let mut workers = Vec::new();
-    for worker in 0..8 {
-        let mut client = server.profile_client().await;
-        let (acknowledged, refused) = (acknowledged.clone(), refused.clone());
-        workers.push(tokio::spawn(async move {
-            let mut round = 0;
-            while Instant::now() < load_until {
-                round += 1;
-                let segment = format!("ko-{worker}-{round}");
-                let messages: Vec<ThreadSnapshot> =
-                    (0..500).map(|n| snapshot("task-ko", &segment, n)).collect();
-                match client.collect_snapshot(tokio_stream::iter(messages)).await {
-                    Ok(_) => acknowledged.lock().unwrap().push(segment),
-                    Err(status) => {
-                        refused.lock().unwrap().insert(segment, status.code());
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        }));
-    }
+    let (outcome, workers) = spawn_stream_load(&server, "ko", 8, 500, load_until).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let acknowledged_before = acknowledged.lock().unwrap().len();
-    kafka_service("stop");
+    let acknowledged_before = outcome.lock().unwrap().acknowledged.len();
+    service("kafka", "stop");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    kafka_service("start");
+    service("kafka", "start");
     for worker in workers {
         worker.await.unwrap();
     }
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    let refused = refused.lock().unwrap().clone();
+    let LoadOutcome {
+        acknowledged,
+        refused,
+    } = std::mem::take(&mut *outcome.lock().unwrap());
 
     let mut stored: HashMap<String, HashSet<i32>> = HashMap::new();
     let messages = read_topic(&topic);

@@ -565,3 +565,68 @@ impl Drop for Consumer {
         let _ = self.child.wait();
     }
 }
+
+/// Which streams of a load were acknowledged and which refused (with their code).
+#[derive(Default)]
+pub struct LoadOutcome {
+    pub acknowledged: Vec<String>,
+    pub refused: std::collections::HashMap<String, tonic::Code>,
+}
+
+/// Starts `workers` clients that each send streams of `per_stream` snapshots, one fresh
+/// segment `<prefix>-<worker>-<round>` per stream, until `until`; a refused stream is
+/// noted and the worker goes on after a pause. The outcome can be read during the load.
+pub async fn spawn_stream_load(
+    server: &Server,
+    prefix: &str,
+    workers: usize,
+    per_stream: i32,
+    until: Instant,
+) -> (
+    std::sync::Arc<std::sync::Mutex<LoadOutcome>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let outcome = std::sync::Arc::new(std::sync::Mutex::new(LoadOutcome::default()));
+    let mut handles = Vec::new();
+    for worker in 0..workers {
+        let mut client = server.profile_client().await;
+        let outcome = outcome.clone();
+        let prefix = prefix.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut round = 0;
+            while Instant::now() < until {
+                round += 1;
+                let segment = format!("{prefix}-{worker}-{round}");
+                let messages: Vec<ThreadSnapshot> = (0..per_stream)
+                    .map(|n| snapshot(&format!("task-{prefix}"), &segment, n))
+                    .collect();
+                match client.collect_snapshot(tokio_stream::iter(messages)).await {
+                    Ok(_) => outcome.lock().unwrap().acknowledged.push(segment),
+                    Err(status) => {
+                        outcome
+                            .lock()
+                            .unwrap()
+                            .refused
+                            .insert(segment, status.code());
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }));
+    }
+    (outcome, handles)
+}
+
+/// Runs `scripts/services/<name>.sh <action>` (stop or start a shared test server).
+pub fn service(name: &str, action: &str) {
+    let script = format!("{}/scripts/services/{name}.sh", env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(&script)
+        .arg(action)
+        .output()
+        .expect("service script runs");
+    assert!(
+        output.status.success(),
+        "{name}.sh {action}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -25,9 +25,6 @@ use crate::proto::v3::ThreadSnapshot;
 use crate::server::{open_store, signal, stopped};
 use crate::store::Store;
 
-pub const CONSUMER_COMMITS: &str = "skysnap_consumer_commits_total";
-pub const CONSUMER_BATCHES: &str = "skysnap_consumer_batches_total";
-
 /// Runs the consumer until a signal; returns whether it stopped cleanly.
 pub fn run(config: Config) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -82,6 +79,36 @@ async fn consume(config: Config) -> anyhow::Result<bool> {
     result.map(|()| true)
 }
 
+/// How often the consumer lag gauge is refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets the lag gauge: for each assigned partition, its end offset minus the committed
+/// offset (the whole partition when nothing is committed yet).
+fn report_lag(consumer: &StreamConsumer) {
+    let lag = tokio::task::block_in_place(|| -> rdkafka::error::KafkaResult<i64> {
+        let assignment = consumer.assignment()?;
+        let committed = consumer.committed_offsets(assignment.clone(), Duration::from_secs(2))?;
+        let mut lag = 0;
+        for element in committed.elements() {
+            let (low, high) = consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                Duration::from_secs(2),
+            )?;
+            let position = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => low,
+            };
+            lag += (high - position).max(0);
+        }
+        Ok(lag)
+    });
+    match lag {
+        Ok(lag) => ::metrics::gauge!(metrics::CONSUMER_LAG).set(lag as f64),
+        Err(error) => tracing::debug!(%error, "consumer lag not measured"),
+    }
+}
+
 /// One batch: the records to store and, per partition, the offset to commit after.
 #[derive(Default)]
 struct Batch {
@@ -98,7 +125,12 @@ async fn consume_loop(
     let wait = Duration::from_millis(config.kafka.consume_batch_wait_ms);
     let max_snapshots = config.kafka.consume_batch_snapshots;
     let retry = RetryPolicy::from_config(&config.sink);
+    let mut lag_reported_at = Instant::now();
     loop {
+        if lag_reported_at.elapsed() >= LAG_INTERVAL {
+            report_lag(consumer);
+            lag_reported_at = Instant::now();
+        }
         let mut batch = Batch::default();
         let mut deadline_opt: Option<Instant> = None;
         while batch.records.len() < max_snapshots {
@@ -175,7 +207,7 @@ async fn commit_batch(
         }
     }
     ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(batch.records.len() as u64);
-    ::metrics::counter!(CONSUMER_BATCHES).increment(1);
+    ::metrics::counter!(metrics::CONSUMER_BATCHES).increment(1);
     let mut offsets = TopicPartitionList::new();
     for ((topic, partition), next) in &batch.next_offsets {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
@@ -183,12 +215,12 @@ async fn commit_batch(
     // A synchronous commit blocks this thread briefly; keep the runtime's others free.
     let committed = tokio::task::block_in_place(|| consumer.commit(&offsets, CommitMode::Sync));
     match committed {
-        Ok(()) => ::metrics::counter!(CONSUMER_COMMITS, "result" => "ok").increment(1),
+        Ok(()) => ::metrics::counter!(metrics::CONSUMER_COMMITS, "result" => "ok").increment(1),
         Err(error) => {
             // A rebalance took the partition: its new owner re-reads (the store collapses
             // duplicates), so nothing is lost.
             tracing::warn!(%error, "offset commit failed");
-            ::metrics::counter!(CONSUMER_COMMITS, "result" => "failed").increment(1);
+            ::metrics::counter!(metrics::CONSUMER_COMMITS, "result" => "failed").increment(1);
         }
     }
     Ok(())

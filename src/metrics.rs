@@ -28,6 +28,13 @@ pub const TASK_FINISH_UNKNOWN: &str = "skysnap_task_finish_unknown_total";
 pub const TASK_CACHE_LOOKUPS: &str = "skysnap_task_cache_lookups_total";
 pub const TASK_CACHE_SIZE: &str = "skysnap_task_cache_entries";
 pub const TASKS_CREATED: &str = "skysnap_tasks_created_total";
+pub const SHARD_MAILBOX_DEPTH: &str = "skysnap_shard_mailbox_depth";
+pub const SHARD_BATCH_SNAPSHOTS: &str = "skysnap_shard_batch_snapshots";
+pub const SINK_SNAPSHOTS_WRITTEN: &str = "skysnap_sink_snapshots_written_total";
+pub const CONSUMER_LAG: &str = "skysnap_consumer_lag_messages";
+pub const CONSUMER_COMMITS: &str = "skysnap_consumer_commits_total";
+pub const CONSUMER_BATCHES: &str = "skysnap_consumer_batches_total";
+pub const RETENTION_ROWS_REMOVED: &str = "skysnap_retention_rows_removed_total";
 
 /// Installs the global recorder; the returned handle renders `/metrics`.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -181,6 +188,7 @@ pub fn batch_closed(reason: &'static str) {
 }
 
 pub fn batch_written(sink: &'static str, size: usize, seconds: f64) {
+    counter!(SINK_SNAPSHOTS_WRITTEN, "sink" => sink).increment(size as u64);
     histogram!(BATCH_SIZE, "sink" => sink).record(size as f64);
     histogram!(BATCH_FLUSH_DURATION, "sink" => sink).record(seconds);
 }

@@ -60,13 +60,13 @@ impl Pipeline {
         let shard_sinks = sinks.clone();
         let mut arbiters = Vec::new();
         let mut shards = Vec::new();
-        for _ in 0..config.shard_count() {
+        for shard_index in 0..config.shard_count() {
             let arbiter = Arbiter::new();
             let (sinks, limits, retry) = (shard_sinks.clone(), limits.clone(), retry.clone());
             let capacity = config.pipeline.shard_mailbox_capacity;
             shards.push(SnapshotShard::start_in_arbiter(
                 &arbiter.handle(),
-                move |_ctx| SnapshotShard::new(sinks, limits, retry, capacity),
+                move |_ctx| SnapshotShard::new(shard_index, sinks, limits, retry, capacity),
             ));
             arbiters.push(arbiter);
         }

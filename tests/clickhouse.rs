@@ -222,3 +222,100 @@ async fn test_clickhouse_retention_drops_expired_partitions() {
     server.stop();
     clickhouse(&format!("DROP DATABASE {database}")).await;
 }
+
+#[tokio::test]
+async fn test_two_replicas_share_one_clickhouse() {
+    let database = fresh_database("replicas");
+    let mut env = clickhouse_env(&database);
+    env.push(("SKYSNAP_TASKS_CACHE_REFRESH_INTERVAL_MS", "500".to_string()));
+    let mut first = start(&env);
+    let mut second = start(&env);
+
+    // A task created through one replica reaches the other's agents within its refresh.
+    let task = first.create_task("shop", "/orders").await;
+    let task_id = task["id"].as_str().unwrap().to_string();
+    let mut on_second = second.profile_client().await;
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(5), || {
+        let mut client = on_second.clone();
+        async move {
+            let commands = client
+                .get_profile_task_commands(ProfileTaskCommandQuery {
+                    service: "shop".into(),
+                    service_instance: "shop-2".into(),
+                    last_command_time: -1,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .commands;
+            (!commands.is_empty()).then_some(())
+        }
+    })
+    .await;
+    eprintln!(
+        "task visible on the other replica after {:?}",
+        started.elapsed()
+    );
+
+    // The same stream sent to both replicas (an agent retrying after a failover), plus
+    // one stream each: every snapshot lands once.
+    let stream = |segment: &str| -> Vec<ThreadSnapshot> {
+        (0..1_000).map(|n| snapshot(&task_id, segment, n)).collect()
+    };
+    let mut on_first = first.profile_client().await;
+    on_first
+        .collect_snapshot(tokio_stream::iter(stream("both")))
+        .await
+        .unwrap();
+    on_second
+        .collect_snapshot(tokio_stream::iter(stream("both")))
+        .await
+        .unwrap();
+    on_first
+        .collect_snapshot(tokio_stream::iter(stream("only-first")))
+        .await
+        .unwrap();
+    on_second
+        .collect_snapshot(tokio_stream::iter(stream("only-second")))
+        .await
+        .unwrap();
+    let table = format!("{database}.profile_thread_snapshot");
+    assert_eq!(
+        clickhouse_count(&format!("SELECT count() FROM {table} FINAL")).await,
+        3_000
+    );
+    for server in [&first, &second] {
+        let (_, segments) = server
+            .get(&format!("/api/v1/tasks/{task_id}/segments"))
+            .await;
+        let counts: Vec<i64> = segments
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["snapshot_count"].as_i64().unwrap())
+            .collect();
+        assert_eq!(counts, [1_000, 1_000, 1_000]);
+    }
+
+    // A finish reported to the second replica shows through the first.
+    on_second
+        .report_task_finish(ProfileTaskFinishReport {
+            service: "shop".into(),
+            service_instance: "shop-2".into(),
+            task_id: task_id.clone(),
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        let (_, logs) = first.get(&format!("/api/v1/tasks/{task_id}/logs")).await;
+        let logs = logs.as_array().cloned().unwrap_or_default();
+        logs.iter()
+            .any(|l| l["operation"] == "EXECUTION_FINISHED")
+            .then_some(())
+    })
+    .await;
+    first.stop();
+    second.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}

@@ -192,19 +192,31 @@ async fn test_admin_token_required_when_configured() {
 }
 
 #[tokio::test]
-async fn test_store_down_past_retry_budget_answers_unavailable_and_counts() {
+async fn test_store_down_past_retry_budget_answers_unavailable_and_metrics_add_up() {
     let mut server = Server::start(&[
         ("SKYSNAP_SQLITE_BUSY_TIMEOUT_MS", "20"),
         ("SKYSNAP_SINK_RETRY_INITIAL_BACKOFF_MS", "20"),
         ("SKYSNAP_SINK_RETRY_BUDGET_MS", "500"),
     ]);
     let mut client = server.profile_client().await;
+    // 100 valid snapshots and 3 invalid ones (rejected whatever the store does).
     let stream = || {
-        tokio_stream::iter(
-            (0..100)
-                .map(|n| snapshot("task-down", "down-seg", n))
-                .collect::<Vec<_>>(),
-        )
+        let mut messages: Vec<ThreadSnapshot> = (0..100)
+            .map(|n| snapshot("task-down", "down-seg", n))
+            .collect();
+        messages.push(ThreadSnapshot {
+            sequence: -1,
+            ..snapshot("task-down", "down-seg", 0)
+        });
+        messages.push(ThreadSnapshot {
+            time: 0,
+            ..snapshot("task-down", "down-seg", 1)
+        });
+        messages.push(ThreadSnapshot {
+            task_id: String::new(),
+            ..snapshot("task-down", "down-seg", 2)
+        });
+        tokio_stream::iter(messages)
     };
 
     // Another process holds the write lock: every write attempt fails with "busy".
@@ -238,7 +250,41 @@ async fn test_store_down_past_retry_budget_answers_unavailable_and_counts() {
         .metric("skysnap_snapshots_committed_total", &[])
         .await;
     let refused = server.metric("skysnap_snapshots_refused_total", &[]).await;
-    assert_eq!((received, committed, refused), (200.0, 100.0, 100.0));
+    let rejected = server.metric("skysnap_snapshots_rejected_total", &[]).await;
+    // The accounting operators rely on: every decoded snapshot is exactly one of these.
+    assert_eq!(
+        (received, committed, rejected, refused),
+        (206.0, 100.0, 6.0, 100.0)
+    );
+    assert_eq!(received, committed + rejected + refused);
+    assert_eq!(
+        server
+            .metric("skysnap_sink_snapshots_written_total", &["sink=\"sqlite\""])
+            .await,
+        100.0
+    );
+    assert!(
+        server
+            .metric(
+                "skysnap_sink_errors_total",
+                &["sink=\"sqlite\"", "retriable=\"true\""]
+            )
+            .await
+            >= 1.0
+    );
+    assert!(server.metric("skysnap_batches_flushed_total", &[]).await >= 2.0);
+    assert!(
+        server
+            .metric(
+                "skysnap_batch_flush_duration_seconds_count",
+                &["sink=\"sqlite\""]
+            )
+            .await
+            >= 1.0
+    );
+    // Gauges settle at zero once nothing is queued.
+    assert_eq!(server.metric("skysnap_shard_mailbox_depth", &[]).await, 0.0);
+    assert_eq!(server.metric("skysnap_grpc_streams_active", &[]).await, 0.0);
     server.stop();
 }
 

@@ -10,8 +10,6 @@ use actix::prelude::*;
 use crate::model::now_ms;
 use crate::store::{Store, StoreError};
 
-pub const ROWS_REMOVED: &str = "skysnap_retention_rows_removed_total";
-
 /// Runs one retention pass now; answers the rows removed.
 #[derive(Message)]
 #[rtype(result = "Result<u64, StoreError>")]
@@ -51,7 +49,7 @@ impl Handler<RunRetention> for RetentionActor {
             let result = store.remove_expired(cutoff_ms).await;
             match &result {
                 Ok(removed) => {
-                    ::metrics::counter!(ROWS_REMOVED, "store" => store.kind()).increment(*removed);
+                    ::metrics::counter!(crate::metrics::RETENTION_ROWS_REMOVED, "store" => store.kind()).increment(*removed);
                     if *removed > 0 {
                         tracing::info!(removed, cutoff_ms, "expired records removed");
                     }

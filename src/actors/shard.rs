@@ -72,6 +72,8 @@ struct Batch {
 }
 
 pub struct SnapshotShard {
+    /// `skysnap_shard_batch_snapshots` of this shard.
+    batch_gauge: ::metrics::Gauge,
     sinks: Arc<[Arc<dyn SnapshotSink>]>,
     limits: BatchLimits,
     retry: RetryPolicy,
@@ -81,12 +83,14 @@ pub struct SnapshotShard {
 
 impl SnapshotShard {
     pub fn new(
+        shard_index: usize,
         sinks: Arc<[Arc<dyn SnapshotSink>]>,
         limits: BatchLimits,
         retry: RetryPolicy,
         mailbox_capacity: usize,
     ) -> SnapshotShard {
         SnapshotShard {
+            batch_gauge: ::metrics::gauge!(metrics::SHARD_BATCH_SNAPSHOTS, "shard" => shard_index.to_string()),
             sinks,
             limits,
             retry,
@@ -105,6 +109,7 @@ impl SnapshotShard {
                 ..Batch::default()
             },
         );
+        self.batch_gauge.set(0.0);
         if batch.records.is_empty() {
             for waiter in batch.waiters {
                 let _ = waiter.send(Ok(()));
@@ -184,6 +189,7 @@ impl Handler<Ingest> for SnapshotShard {
             .sum::<usize>();
         self.batch.records.extend(message.records);
         self.batch.waiters.push(sender);
+        self.batch_gauge.set(self.batch.records.len() as f64);
         if self.batch.records.len() >= self.limits.max_snapshots {
             self.close_batch(CloseReason::Size, ctx);
         } else if self.batch.bytes >= self.limits.max_bytes {
@@ -279,7 +285,7 @@ mod tests {
             max_backoff: Duration::from_millis(1),
             budget: Duration::from_millis(10),
         };
-        SnapshotShard::new(sinks, limits, retry, 4).start()
+        SnapshotShard::new(0, sinks, limits, retry, 4).start()
     }
 
     fn limits(max_snapshots: usize, max_bytes: usize, flush_ms: u64) -> BatchLimits {

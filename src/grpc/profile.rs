@@ -32,6 +32,8 @@ pub struct ProfileService {
     max_stack_depth: usize,
     /// Snapshots sent to a shard in one message at most.
     chunk_snapshots: usize,
+    /// `skysnap_shard_mailbox_depth` of each shard.
+    mailbox_depth: Arc<[::metrics::Gauge]>,
 }
 
 impl ProfileService {
@@ -41,7 +43,11 @@ impl ProfileService {
         max_stack_depth: usize,
         chunk_snapshots: usize,
     ) -> ProfileService {
+        let mailbox_depth = (0..handles.shards.len())
+            .map(|shard| ::metrics::gauge!(metrics::SHARD_MAILBOX_DEPTH, "shard" => shard.to_string()))
+            .collect();
         ProfileService {
+            mailbox_depth,
             handles,
             in_flight,
             max_stack_depth,
@@ -198,7 +204,12 @@ impl ProfileService {
                 }
                 let records = std::mem::take(records);
                 let count = records.len();
-                match shards[shard].send(Ingest { records }).await {
+                // Counts the message from the send until the shard took it: queued in
+                // the mailbox or waiting for room there.
+                self.mailbox_depth[shard].increment(1.0);
+                let sent = shards[shard].send(Ingest { records }).await;
+                self.mailbox_depth[shard].decrement(1.0);
+                match sent {
                     Ok(receipt) => receipts.push(receipt),
                     Err(error) => {
                         metrics::snapshots_refused("shutting_down", count);

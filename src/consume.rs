@@ -40,6 +40,7 @@ async fn consume(config: Config) -> anyhow::Result<bool> {
         "skysnap consume needs kafka.brokers"
     );
     let prometheus = metrics::install()?;
+    metrics::register_consumer_zeros();
     let store = open_store(&config).await?;
     let consumer: StreamConsumer = client_config(&config.kafka)
         .set("group.id", &config.kafka.group_id)

@@ -53,8 +53,80 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )?
         .install_recorder()?;
     describe();
+    register_zeros();
     gauge!("skysnap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
+}
+
+/// Reasons a snapshot is rejected as invalid (the `reason` label values).
+pub const REJECT_REASONS: &[&str] = &[
+    "empty_task_id",
+    "empty_segment_id",
+    "negative_sequence",
+    "invalid_time",
+    "stack_too_deep",
+    "malformed",
+];
+
+/// gRPC codes a failed stream is counted under (`code` label of streams failed).
+pub const STREAM_FAILURE_CODES: &[&str] = &[
+    "invalid_argument",
+    "unavailable",
+    "out_of_range",
+    "resource_exhausted",
+    "cancelled",
+    "other",
+];
+
+/// Reasons a valid snapshot is refused (not committed).
+pub const REFUSE_REASONS: &[&str] = &["sink_unavailable", "shutting_down"];
+
+/// Makes every counter with a fixed label set visible at 0 from the start, so that
+/// dashboards and `rate()` see a series before its first event.
+fn register_zeros() {
+    for name in [
+        SNAPSHOTS_RECEIVED,
+        SNAPSHOTS_COMMITTED,
+        SNAPSHOTS_UNKNOWN_TASK,
+        GRPC_UNAUTHENTICATED,
+        TASKS_NOTIFIED,
+        TASKS_CREATED,
+        TASK_FINISH_UNKNOWN,
+        TASK_LOGS_DROPPED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for reason in REJECT_REASONS {
+        counter!(SNAPSHOTS_REJECTED, "reason" => *reason).absolute(0);
+    }
+    for reason in REFUSE_REASONS {
+        counter!(SNAPSHOTS_REFUSED, "reason" => *reason).absolute(0);
+    }
+    for code in STREAM_FAILURE_CODES {
+        counter!(STREAMS_FAILED, "code" => *code).absolute(0);
+    }
+    for operation in ["NOTIFIED", "EXECUTION_FINISHED"] {
+        counter!(TASK_LOGS_WRITTEN, "operation" => operation).absolute(0);
+    }
+    gauge!(STREAMS_ACTIVE).set(0.0);
+}
+
+/// A sink's series, visible at 0 from the start.
+pub fn register_sink_zeros(sink: &'static str) {
+    for retriable in ["true", "false"] {
+        counter!(SINK_ERRORS, "sink" => sink, "retriable" => retriable).absolute(0);
+    }
+    counter!(SINK_RETRIES, "sink" => sink).absolute(0);
+    counter!(SINK_SNAPSHOTS_WRITTEN, "sink" => sink).absolute(0);
+}
+
+/// The consumer's own series, visible at 0 from its start.
+pub fn register_consumer_zeros() {
+    counter!(CONSUMER_BATCHES).absolute(0);
+    for result in ["ok", "failed"] {
+        counter!(CONSUMER_COMMITS, "result" => result).absolute(0);
+    }
+    gauge!(CONSUMER_LAG).set(0.0);
 }
 
 fn describe() {

@@ -50,6 +50,9 @@ impl Pipeline {
         store: Arc<dyn Store>,
         sinks: Vec<Arc<dyn SnapshotSink>>,
     ) -> Pipeline {
+        for sink in &sinks {
+            crate::metrics::register_sink_zeros(sink.name());
+        }
         let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(sinks);
         let limits = BatchLimits {
             max_snapshots: config.pipeline.batch_max_snapshots,

@@ -141,6 +141,7 @@ async fn test_kafka_mode_to_topic_then_consume_into_clickhouse_and_sqlite() {
         )
     })
     .await;
+    check_dashboard_metrics(&(receiver.scrape().await + &into_clickhouse.scrape().await));
     let (first, second) = (
         into_clickhouse.committed().await,
         into_clickhouse_too.committed().await,
@@ -200,4 +201,52 @@ async fn test_consumer_killed_mid_topic_and_restarted_misses_nothing() {
     .await;
     eprintln!("rows when killed: {at_kill}..{after_kill} of {expected}; after restart: {expected}");
     restarted.stop();
+}
+
+/// Every metric the shipped Grafana dashboard queries exists in a real scrape of a
+/// receiver and a consumer.
+fn check_dashboard_metrics(scrape: &str) {
+    fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("expr", serde_json::Value::String(expr)) => out.push(expr.clone()),
+                        _ => exprs(value, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|item| exprs(item, out)),
+            _ => {}
+        }
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/skysnap/dashboards/skysnap.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard file"))
+            .expect("dashboard is JSON");
+    let mut queries = Vec::new();
+    exprs(&dashboard, &mut queries);
+    assert!(!queries.is_empty(), "the dashboard has queries");
+    let names: HashSet<&str> = queries
+        .iter()
+        .flat_map(|expr| expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|token| token.starts_with("skysnap_"))
+        .collect();
+    let scraped: HashSet<&str> = scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(|c| c == '{' || c == ' ').next())
+        .collect();
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|name| !scraped.contains(*name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "dashboard queries metrics no scrape has: {missing:?}"
+    );
+    eprintln!("dashboard metrics found in the scrape: {}", names.len());
 }

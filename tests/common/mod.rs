@@ -205,13 +205,17 @@ impl Server {
 
     /// The sum of a metric's samples whose labels contain every given `key="value"`.
     pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = reqwest::get(&self.metrics)
+        parse_metric(&self.scrape().await, name, labels)
+    }
+
+    /// The `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        reqwest::get(&self.metrics)
             .await
             .expect("metrics reachable")
             .text()
             .await
-            .expect("metrics text");
-        parse_metric(&text, name, labels)
+            .expect("metrics text")
     }
 }
 
@@ -515,23 +519,31 @@ impl Consumer {
             .unwrap_or_default()
     }
 
-    /// The snapshots this consumer committed, from its `/metrics`.
-    pub async fn committed(&self) -> f64 {
+    /// This consumer's `/metrics` text (empty before it is ready).
+    pub async fn scrape(&self) -> String {
         let out = std::fs::read_to_string(self.dir.join(format!("consume-{}.out", self.id)))
             .unwrap_or_default();
         let Some(addr) = out
             .split_whitespace()
             .find_map(|part| part.strip_prefix("metrics="))
         else {
-            return 0.0;
+            return String::new();
         };
-        let text = reqwest::get(format!("http://{addr}/metrics"))
+        reqwest::get(format!("http://{addr}/metrics"))
             .await
             .expect("consumer metrics")
             .text()
             .await
-            .unwrap();
-        parse_metric(&text, "skysnap_snapshots_committed_total", &[])
+            .unwrap()
+    }
+
+    /// The snapshots this consumer committed, from its `/metrics`.
+    pub async fn committed(&self) -> f64 {
+        parse_metric(
+            &self.scrape().await,
+            "skysnap_snapshots_committed_total",
+            &[],
+        )
     }
 
     pub fn kill9(&mut self) {

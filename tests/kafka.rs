@@ -238,7 +238,7 @@ fn check_dashboard_metrics(scrape: &str) {
     let scraped: HashSet<&str> = scrape
         .lines()
         .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| line.split(|c| c == '{' || c == ' ').next())
+        .filter_map(|line| line.split(['{', ' ']).next())
         .collect();
     let missing: Vec<_> = names
         .iter()

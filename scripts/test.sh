@@ -4,7 +4,8 @@
 # (Debian's package) and Apache Kafka (KRaft, jars from Maven Central) on loopback, runs the unit and integration tests (the real
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
-# (apache-skywalking==1.2.0). Stops the servers it started.
+# (apache-skywalking==1.2.0), and the offline Helm chart checks (helm built with
+# `go install`, kubernetes-validate). Stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -44,6 +45,9 @@ if ! "$chdb_venv/bin/python" -c 'import chdb, pytest' 2>/dev/null; then
   "$chdb_venv/bin/pip" install --quiet --disable-pip-version-check -r tests/chdb/requirements.txt
 fi
 "$chdb_venv/bin/python" -m pytest -p no:cacheprovider tests/chdb -v
+
+step "Helm chart (helm lint/template, kubernetes-validate, rendered-manifest checks)"
+SKYSNAP_BIN="$PWD/target/debug/skysnap" scripts/helm-test.sh
 
 step "python agent virtualenv"
 venv=.venv

@@ -538,6 +538,15 @@ impl Config {
     }
 }
 
+/// Kubernetes' service links for a Service named `skysnap…` (`SKYSNAP_SERVICE_HOST`,
+/// `SKYSNAP_PORT_11800_TCP_ADDR`, …) share the prefix but are not configuration.
+fn is_service_link(variable: &str) -> bool {
+    variable.ends_with("_SERVICE_HOST")
+        || variable.contains("_SERVICE_PORT")
+        || variable.ends_with("_PORT")
+        || variable.contains("_PORT_")
+}
+
 /// Writes `SKYSNAP_<SECTION>_<KEY>` variables into the tree. The default configuration
 /// tells which keys exist and whether a value is a number, a flag or text, so that a
 /// token such as `123` stays text.
@@ -550,7 +559,7 @@ fn apply_env(tree: &mut Value, env: &[(String, String)]) -> Result<(), ConfigErr
         let Some(rest) = variable.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if CLIENT_ENV_VARS.contains(&variable.as_str()) {
+        if CLIENT_ENV_VARS.contains(&variable.as_str()) || is_service_link(variable) {
             continue;
         }
         let rest = rest.to_ascii_lowercase();
@@ -649,6 +658,10 @@ mod tests {
                 ("SKYSNAP_AUTH_AGENT_TOKEN", "123"),
                 ("SKYSNAP_SHUTDOWN_GRACE_MS", "500"),
                 ("SKYSNAP_SERVER", "http://ignored"),
+                ("SKYSNAP_SERVICE_HOST", "10.0.0.1"),
+                ("SKYSNAP_RECEIVER_SERVICE_PORT_GRPC", "11800"),
+                ("SKYSNAP_PORT", "tcp://10.0.0.1:11800"),
+                ("SKYSNAP_PORT_11800_TCP_ADDR", "10.0.0.1"),
                 ("UNRELATED", "x"),
             ]),
         )

@@ -11,6 +11,7 @@ pub mod config;
 pub mod consume;
 pub mod grpc;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

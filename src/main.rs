@@ -32,6 +32,93 @@ enum Command {
     Task(TaskArgs),
     /// Print the ClickHouse DDL skysnap would apply (for `clickhouse.create_schema: false`).
     Schema(SchemaArgs),
+    /// Generate agent load: streams of realistic snapshots, then check they are stored.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// skysnap's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:11800")]
+    target: String,
+    /// skysnap's HTTP API, for the tasks and the final check.
+    #[arg(long, env = "SKYSNAP_SERVER", default_value = "http://127.0.0.1:12800")]
+    server: String,
+    /// Skip creating tasks and the final check through the HTTP API.
+    #[arg(long)]
+    no_check: bool,
+    /// Agent token (`authentication` metadata).
+    #[arg(long)]
+    agent_token: Option<String>,
+    /// Admin token for the HTTP API.
+    #[arg(long, env = "SKYSNAP_AUTH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Simulated agents (one service and instance each).
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Concurrent streams per agent.
+    #[arg(long, default_value_t = 2)]
+    streams: usize,
+    /// Snapshots per stream (the Java agent sends up to 500).
+    #[arg(long, default_value_t = 500)]
+    batch: i32,
+    /// Frames per stack.
+    #[arg(long, default_value_t = 40)]
+    depth: usize,
+    /// Distinct frame signatures to draw from.
+    #[arg(long, default_value_t = 3000)]
+    frame_pool: usize,
+    /// Snapshots per second over all streams; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long to send, e.g. 10s, 2m, 10m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(value)),
+        "" | "s" => Ok(std::time::Duration::from_secs(value)),
+        "m" => Ok(std::time::Duration::from_secs(value * 60)),
+        _ => Err(format!("{text:?} is not a duration like 10s or 2m")),
+    }
+}
+
+fn load(args: LoadArgs) -> anyhow::Result<bool> {
+    let options = skysnap::load::LoadOptions {
+        target: args.target,
+        http_opt: (!args.no_check).then_some(args.server.trim_end_matches('/').to_string()),
+        agent_token_opt: args.agent_token,
+        admin_token_opt: args.admin_token,
+        agents: args.agents,
+        streams_per_agent: args.streams,
+        snapshots_per_stream: args.batch,
+        stack_depth: args.depth,
+        frame_pool: args.frame_pool,
+        rate: args.rate,
+        duration: args.duration,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(skysnap::load::run(options))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", skysnap::load::render(&report));
+    }
+    Ok(report.missing_opt.unwrap_or(0) == 0)
 }
 
 #[derive(Args)]
@@ -256,6 +343,7 @@ fn main() -> ExitCode {
                 }
             }),
         Command::Schema(args) => schema(args).map(|()| true),
+        Command::Load(args) => load(args),
         Command::Task(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

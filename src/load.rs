@@ -1,0 +1,434 @@
+//! `skysnap load`: a load generator that speaks the agent protocol like real agents do.
+//! A agents (service and instance names) each poll for their task and run S concurrent
+//! `collectSnapshot` streams of B snapshots, with realistic stacks: Java-style frames
+//! drawn from a fixed pool, and consecutive snapshots of a segment sharing most frames.
+//! It reports snapshots/s, MB/s, stream ack latency percentiles and errors by gRPC code,
+//! and at the end checks through the HTTP API that every acknowledged snapshot is there.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use prost::Message as _;
+use serde_json::{json, Value};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::proto::v3::profile_task_client::ProfileTaskClient;
+use crate::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// gRPC address of skysnap, e.g. `http://127.0.0.1:11800`.
+    pub target: String,
+    /// HTTP API of skysnap for creating tasks and the final check; none = no check.
+    pub http_opt: Option<String>,
+    pub agent_token_opt: Option<String>,
+    pub admin_token_opt: Option<String>,
+    pub agents: usize,
+    pub streams_per_agent: usize,
+    pub snapshots_per_stream: i32,
+    pub stack_depth: usize,
+    pub frame_pool: usize,
+    /// Snapshots per second over all streams; 0 = as fast as possible.
+    pub rate: u64,
+    pub duration: Duration,
+}
+
+/// What one run measured.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LoadReport {
+    pub snapshots_acknowledged: u64,
+    pub streams_acknowledged: u64,
+    pub bytes_acknowledged: u64,
+    pub seconds: f64,
+    pub snapshots_per_second: f64,
+    pub megabytes_per_second: f64,
+    pub ack_latency_ms_p50: f64,
+    pub ack_latency_ms_p90: f64,
+    pub ack_latency_ms_p99: f64,
+    pub ack_latency_ms_max: f64,
+    pub errors: HashMap<String, u64>,
+    /// Acknowledged snapshots not found through the API; None when not checked.
+    pub missing_opt: Option<u64>,
+}
+
+/// A small, fast, seedable generator (xorshift64*), so stacks are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound.max(1) as u64) as usize
+    }
+}
+
+/// Java-style signatures, `package.Class.method:line`.
+fn frame_pool(size: usize) -> Arc<[String]> {
+    let packages = [
+        "org.apache.catalina.core",
+        "org.springframework.web.servlet",
+        "com.shop.orders",
+        "io.netty.channel",
+        "java.util.concurrent",
+        "com.zaxxer.hikari.pool",
+    ];
+    (0..size.max(1))
+        .map(|n| {
+            let package = packages[n % packages.len()];
+            format!(
+                "{package}.Component{}.handle{}:{}",
+                n / 7,
+                n % 13,
+                10 + n % 400
+            )
+        })
+        .collect()
+}
+
+/// The snapshots of one segment: a root-first stack of `depth` frames whose deepest
+/// few frames change from one dump to the next, as a thread moves inside a request.
+fn segment_snapshots(
+    task_id: &str,
+    segment_id: &str,
+    count: i32,
+    depth: usize,
+    pool: &[String],
+    seed: u64,
+) -> Vec<ThreadSnapshot> {
+    let mut rng = Rng::new(seed);
+    let mut stack: Vec<String> = (0..depth)
+        .map(|_| pool[rng.below(pool.len())].clone())
+        .collect();
+    let start_ms = crate::model::now_ms();
+    (0..count)
+        .map(|sequence| {
+            let changing = 3.min(stack.len());
+            let keep = stack.len() - changing;
+            for frame in &mut stack[keep..] {
+                if rng.below(2) == 0 {
+                    *frame = pool[rng.below(pool.len())].clone();
+                }
+            }
+            ThreadSnapshot {
+                task_id: task_id.to_string(),
+                trace_segment_id: segment_id.to_string(),
+                time: start_ms + i64::from(sequence) * 10,
+                sequence,
+                stack: Some(ThreadStack {
+                    code_signatures: stack.clone(),
+                }),
+            }
+        })
+        .collect()
+}
+
+fn with_token<T>(message: T, token_opt: &Option<String>) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token_opt {
+        request.metadata_mut().insert(
+            "authentication",
+            MetadataValue::try_from(token.as_str()).context("agent token")?,
+        );
+    }
+    Ok(request)
+}
+
+/// A task for the service: an existing one that still runs, or a new 15-minute one.
+async fn task_for(
+    http: &str,
+    admin_token_opt: &Option<String>,
+    service: &str,
+) -> anyhow::Result<String> {
+    let client = reqwest::Client::new();
+    let authorized = |request: reqwest::RequestBuilder| match admin_token_opt {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let body = json!({"service": service, "endpoint_name": "/load", "duration": 15,
+        "min_duration_threshold": 0, "dump_period": 10, "max_sampling_count": 9});
+    let response = authorized(client.post(format!("{http}/api/v1/tasks")).json(&body))
+        .send()
+        .await?;
+    if response.status().is_success() {
+        let task: Value = response.json().await?;
+        return Ok(task["id"].as_str().unwrap_or_default().to_string());
+    }
+    // Overlap: the service already has a running task; use the newest.
+    let tasks: Value = authorized(
+        client
+            .get(format!("{http}/api/v1/tasks"))
+            .query(&[("service", service)]),
+    )
+    .send()
+    .await?
+    .json()
+    .await?;
+    tasks[0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("no task for the load service")
+}
+
+/// Segment snapshot counts of a task, through the API.
+async fn stored_counts(
+    http: &str,
+    admin_token_opt: &Option<String>,
+    task_id: &str,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let mut request = reqwest::Client::new().get(format!("{http}/api/v1/tasks/{task_id}/segments"));
+    if let Some(token) = admin_token_opt {
+        request = request.bearer_auth(token);
+    }
+    let segments: Value = request.send().await?.json().await?;
+    Ok(segments
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|s| {
+                    (
+                        s["segment_id"].as_str().unwrap_or_default().to_string(),
+                        s["snapshot_count"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index].as_secs_f64() * 1_000.0
+}
+
+pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
+    if options.agents == 0 || options.streams_per_agent == 0 || options.snapshots_per_stream <= 0 {
+        bail!("--agents, --streams and --batch must be greater than zero");
+    }
+    let channel = Channel::from_shared(options.target.clone())
+        .context("--target must be a URL such as http://127.0.0.1:11800")?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach skysnap at {}", options.target))?;
+    let pool = frame_pool(options.frame_pool);
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+
+    // Each agent polls like a real one; tasks come from the API when it is given.
+    let mut task_ids = Vec::new();
+    for agent in 0..options.agents {
+        let service = format!("load-service-{agent}");
+        let task_id = match &options.http_opt {
+            Some(http) => task_for(http, &options.admin_token_opt, &service).await?,
+            None => format!("load-task-{run_id}-{agent}"),
+        };
+        let query = ProfileTaskCommandQuery {
+            service: service.clone(),
+            service_instance: format!("load-instance-{agent}"),
+            last_command_time: -1,
+        };
+        ProfileTaskClient::new(channel.clone())
+            .get_profile_task_commands(with_token(query, &options.agent_token_opt)?)
+            .await
+            .context("getProfileTaskCommands")?;
+        task_ids.push(task_id);
+    }
+
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let sent = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let acknowledged: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for (agent, task_id) in task_ids.iter().enumerate() {
+        for stream in 0..options.streams_per_agent {
+            let (channel, pool, options) = (channel.clone(), pool.clone(), options.clone());
+            let (sent, latencies, errors, acknowledged, bytes) = (
+                sent.clone(),
+                latencies.clone(),
+                errors.clone(),
+                acknowledged.clone(),
+                bytes.clone(),
+            );
+            let task_id = task_id.clone();
+            let run_id = run_id.clone();
+            workers.push(tokio::spawn(async move {
+                let mut client = ProfileTaskClient::new(channel);
+                let mut round: u64 = 0;
+                while Instant::now() < deadline {
+                    round += 1;
+                    let batch = options.snapshots_per_stream as u64;
+                    if options.rate > 0 {
+                        // Wait until the run's total rate allows this stream.
+                        let due =
+                            sent.fetch_add(batch, Ordering::Relaxed) as f64 / options.rate as f64;
+                        let wait = started + Duration::from_secs_f64(due);
+                        if wait >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(wait.into()).await;
+                    }
+                    let segment = format!("{run_id}.{agent}.{stream}.{round}");
+                    let seed = (agent as u64) << 40 ^ (stream as u64) << 20 ^ round;
+                    let messages = segment_snapshots(
+                        &task_id,
+                        &segment,
+                        options.snapshots_per_stream,
+                        options.stack_depth,
+                        &pool,
+                        seed,
+                    );
+                    let size: u64 = messages.iter().map(|m| m.encoded_len() as u64).sum();
+                    let Ok(request) =
+                        with_token(tokio_stream::iter(messages), &options.agent_token_opt)
+                    else {
+                        return;
+                    };
+                    let begun = Instant::now();
+                    match client.collect_snapshot(request).await {
+                        Ok(_) => {
+                            latencies.lock().unwrap().push(begun.elapsed());
+                            bytes.fetch_add(size, Ordering::Relaxed);
+                            acknowledged.lock().unwrap().push((agent, segment));
+                        }
+                        Err(status) => {
+                            *errors
+                                .lock()
+                                .unwrap()
+                                .entry(format!("{:?}", status.code()))
+                                .or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for worker in workers {
+        worker.await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort();
+    let snapshots = acknowledged.len() as u64 * options.snapshots_per_stream as u64;
+    let bytes = bytes.load(Ordering::Relaxed);
+    let mut report = LoadReport {
+        snapshots_acknowledged: snapshots,
+        streams_acknowledged: acknowledged.len() as u64,
+        bytes_acknowledged: bytes,
+        seconds,
+        snapshots_per_second: snapshots as f64 / seconds,
+        megabytes_per_second: bytes as f64 / seconds / 1_000_000.0,
+        ack_latency_ms_p50: percentile(&latencies, 0.50),
+        ack_latency_ms_p90: percentile(&latencies, 0.90),
+        ack_latency_ms_p99: percentile(&latencies, 0.99),
+        ack_latency_ms_max: latencies
+            .last()
+            .map(|d| d.as_secs_f64() * 1_000.0)
+            .unwrap_or(0.0),
+        errors: std::mem::take(&mut *errors.lock().unwrap()),
+        missing_opt: None,
+    };
+    if let Some(http) = &options.http_opt {
+        let mut stored: HashMap<usize, HashMap<String, u64>> = HashMap::new();
+        for (agent, task_id) in task_ids.iter().enumerate() {
+            stored.insert(
+                agent,
+                stored_counts(http, &options.admin_token_opt, task_id).await?,
+            );
+        }
+        let expected = options.snapshots_per_stream as u64;
+        let missing = acknowledged
+            .iter()
+            .map(|(agent, segment)| {
+                expected.saturating_sub(stored[agent].get(segment).copied().unwrap_or(0))
+            })
+            .sum();
+        report.missing_opt = Some(missing);
+    }
+    Ok(report)
+}
+
+/// The report as a person reads it.
+pub fn render(report: &LoadReport) -> String {
+    let mut errors: Vec<_> = report
+        .errors
+        .iter()
+        .map(|(code, count)| format!("{code}={count}"))
+        .collect();
+    errors.sort();
+    format!(
+        "snapshots acknowledged: {} in {} streams over {:.1} s\n\
+         throughput: {:.0} snapshots/s, {:.1} MB/s\n\
+         stream ack latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}\n\
+         errors: {}\n\
+         missing: {}",
+        report.snapshots_acknowledged,
+        report.streams_acknowledged,
+        report.seconds,
+        report.snapshots_per_second,
+        report.megabytes_per_second,
+        report.ack_latency_ms_p50,
+        report.ack_latency_ms_p90,
+        report.ack_latency_ms_p99,
+        report.ack_latency_ms_max,
+        if errors.is_empty() {
+            "none".to_string()
+        } else {
+            errors.join(", ")
+        },
+        report
+            .missing_opt
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "not checked".to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_load_segments_share_most_frames() {
+        let pool = frame_pool(3_000);
+        let snapshots = segment_snapshots("t", "s", 20, 40, &pool, 7);
+        assert_eq!(snapshots.len(), 20);
+        for pair in snapshots.windows(2) {
+            let a = &pair[0].stack.as_ref().unwrap().code_signatures;
+            let b = &pair[1].stack.as_ref().unwrap().code_signatures;
+            assert_eq!(a.len(), 40);
+            assert_eq!(a[..37], b[..37], "only the deepest frames move");
+            assert!(pair[1].time > pair[0].time && pair[1].sequence == pair[0].sequence + 1);
+        }
+        // Reproducible from the seed.
+        assert_eq!(
+            snapshots[5].stack,
+            segment_snapshots("t", "s", 20, 40, &pool, 7)[5].stack
+        );
+    }
+
+    #[test]
+    fn test_load_percentiles() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&sorted, 0.5), 51.0);
+        assert_eq!(percentile(&sorted, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

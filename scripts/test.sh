@@ -38,6 +38,9 @@ export SKYSNAP_TEST_KAFKA_BROKERS="127.0.0.1:${KAFKA_PORT:-19092}"
 step "unit and integration tests"
 cargo test --locked
 
+step "criterion benches, short mode (each benchmark once; no timing asserted)"
+cargo test --locked --benches
+
 step "DDL on the current ClickHouse engine (chdb-core)"
 chdb_venv=.venv-chdb
 if ! "$chdb_venv/bin/python" -c 'import chdb, pytest' 2>/dev/null; then

@@ -76,7 +76,7 @@ impl Rng {
 }
 
 /// Java-style signatures, `package.Class.method:line`.
-fn frame_pool(size: usize) -> Arc<[String]> {
+pub fn frame_pool(size: usize) -> Arc<[String]> {
     let packages = [
         "org.apache.catalina.core",
         "org.springframework.web.servlet",
@@ -100,7 +100,7 @@ fn frame_pool(size: usize) -> Arc<[String]> {
 
 /// The snapshots of one segment: a root-first stack of `depth` frames whose deepest
 /// few frames change from one dump to the next, as a thread moves inside a request.
-fn segment_snapshots(
+pub fn segment_snapshots(
     task_id: &str,
     segment_id: &str,
     count: i32,

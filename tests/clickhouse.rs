@@ -8,7 +8,8 @@ use std::time::Duration;
 use skysnap::proto::v3::{ProfileTaskCommandQuery, ProfileTaskFinishReport, ThreadSnapshot};
 
 use common::{
-    clickhouse, clickhouse_count, clickhouse_url, eventually, fresh_database, snapshot, Server,
+    aged_segment, clickhouse, clickhouse_count, clickhouse_url, eventually, fresh_database,
+    snapshot, Server,
 };
 
 fn clickhouse_env(database: &str) -> Vec<(&'static str, String)> {
@@ -173,17 +174,10 @@ async fn test_clickhouse_retention_drops_expired_partitions() {
     let mut env = clickhouse_env(&database);
     env.push(("SKYSNAP_RETENTION_CHECK_INTERVAL_MS", "300".to_string()));
     let mut server = start(&env);
-    let now_ms = chrono::Utc::now().timestamp_millis();
     let day_ms = 86_400_000;
-    let at = |segment: &str, sequence: i32, time: i64| ThreadSnapshot {
-        time,
-        ..snapshot("task-ret", segment, sequence)
-    };
-    let mut messages: Vec<ThreadSnapshot> = (0..10)
-        .map(|n| at("old-seg", n, now_ms - 5 * day_ms))
-        .collect();
-    messages.extend((0..10).map(|n| at("edge-seg", n, now_ms - 2 * day_ms)));
-    messages.extend((0..10).map(|n| at("new-seg", n, now_ms)));
+    let mut messages = aged_segment("old-seg", 5 * day_ms);
+    messages.extend(aged_segment("edge-seg", 2 * day_ms));
+    messages.extend(aged_segment("new-seg", 0));
     let mut client = server.profile_client().await;
     client
         .collect_snapshot(tokio_stream::iter(messages))

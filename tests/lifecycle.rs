@@ -11,7 +11,7 @@ use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
 use skysnap::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot};
 use tonic::metadata::MetadataValue;
 
-use common::{snapshot, snapshot_rows, Server};
+use common::{aged_segment, snapshot, snapshot_rows, Server};
 
 #[tokio::test]
 async fn test_sigterm_during_streams_loses_nothing_acknowledged() {
@@ -554,17 +554,10 @@ async fn test_grpc_over_tls() {
 #[tokio::test]
 async fn test_sqlite_retention_removes_expired_rows() {
     let mut server = Server::start(&[("SKYSNAP_RETENTION_CHECK_INTERVAL_MS", "300")]);
-    let now_ms = chrono::Utc::now().timestamp_millis();
     let day_ms = 86_400_000;
-    let at = |segment: &str, sequence: i32, time: i64| ThreadSnapshot {
-        time,
-        ..snapshot("task-ret", segment, sequence)
-    };
-    let mut messages: Vec<ThreadSnapshot> = (0..10)
-        .map(|n| at("ret-old", n, now_ms - 4 * day_ms))
-        .collect();
-    messages.extend((0..10).map(|n| at("ret-edge", n, now_ms - 3 * day_ms + 3_600_000)));
-    messages.extend((0..10).map(|n| at("ret-new", n, now_ms)));
+    let mut messages = aged_segment("ret-old", 4 * day_ms);
+    messages.extend(aged_segment("ret-edge", 3 * day_ms - 3_600_000));
+    messages.extend(aged_segment("ret-new", 0));
     let mut client = server.profile_client().await;
     client
         .collect_snapshot(tokio_stream::iter(messages))

@@ -642,3 +642,14 @@ pub fn service(name: &str, action: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Ten snapshots of one segment dumped `age_ms` before now, for retention tests.
+pub fn aged_segment(segment: &str, age_ms: i64) -> Vec<ThreadSnapshot> {
+    let time = chrono::Utc::now().timestamp_millis() - age_ms;
+    (0..10)
+        .map(|sequence| ThreadSnapshot {
+            time,
+            ..snapshot("task-ret", segment, sequence)
+        })
+        .collect()
+}

@@ -1,16 +1,21 @@
 //! The hot path, measured with criterion: decoding and validating snapshots, choosing
-//! their shard, encoding them for each sink, and the whole in-process pipeline (stream
-//! handler's hand-off → shard actors → batch commit) into a no-op sink. Stacks are the
-//! load generator's: 40 Java-style frames from a pool of 3,000, 500 per stream.
+//! their shard, encoding them for each sink (SQLite JSON, Kafka protobuf, and a whole
+//! 2,000-snapshot ClickHouse RowBinary INSERT), and the whole in-process pipeline
+//! (stream handler's hand-off → shard actors → batch commit) into a no-op sink. Stacks
+//! are the load generator's: 40 Java-style frames from a pool of 3,000, 500 per stream.
 //!
 //! `cargo bench --bench pipeline` measures; `cargo test --benches` runs each once.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
+use clickhouse::{Client, Compression, Row};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use futures::StreamExt;
 use prost::Message;
+use serde::Serialize;
 
 use skysnap::actors::shard::{shard_for, BatchLimits, CloseReason, Flush, Ingest, SnapshotShard};
 use skysnap::actors::sink::kafka::encode;
@@ -20,6 +25,7 @@ use skysnap::grpc::profile::to_record;
 use skysnap::load::{frame_pool, segment_snapshots};
 use skysnap::model::SnapshotRecord;
 use skysnap::proto::v3::ThreadSnapshot;
+use skysnap::store::clickhouse::nodelay_client;
 
 const STREAM: usize = 500;
 
@@ -96,6 +102,146 @@ fn bench_encoding(c: &mut Criterion) {
     group.finish();
 }
 
+/// Shaped like the ClickHouse store's `SnapshotInsertRow`: borrowed from the batch.
+#[derive(Row, Serialize)]
+struct SnapshotInsertRow<'a> {
+    task_id: &'a str,
+    segment_id: &'a str,
+    sequence: i32,
+    dump_time: i64,
+    time_bucket: i64,
+    stack: &'a [String],
+}
+
+/// What the loopback endpoint saw of the last INSERT.
+#[derive(Default)]
+struct EndpointStats {
+    body_bytes: AtomicU64,
+    decompress: AtomicBool,
+}
+
+/// A stand-in for the ClickHouse HTTP interface: accepts any request, drains its body
+/// (counting the bytes) and answers 200 with an empty body, as a server does for an
+/// INSERT. Keep-alive, like a real server, so the client reuses its pooled connection.
+async fn clickhouse_endpoint(stats: Arc<EndpointStats>) -> String {
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: axum::body::Body| {
+        let stats = stats.clone();
+        async move {
+            let mut bytes = 0u64;
+            let mut data = body.into_data_stream();
+            while let Some(chunk) = data.next().await {
+                bytes += chunk.expect("request body").len() as u64;
+            }
+            stats.body_bytes.store(bytes, Ordering::Relaxed);
+            stats.decompress.store(
+                uri.query().is_some_and(|q| q.contains("decompress=1")),
+                Ordering::Relaxed,
+            );
+            axum::http::StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    format!("http://{addr}")
+}
+
+/// One shard batch as `ClickHouseStore::insert_snapshots` writes it: borrowed rows,
+/// `client.insert` (no round trip: validation is off), `write` per row, `end`.
+async fn insert_batch(client: &Client, batch: &[SnapshotRecord]) {
+    let rows: Vec<SnapshotInsertRow<'_>> = batch
+        .iter()
+        .map(|snapshot| SnapshotInsertRow {
+            task_id: &snapshot.task_id,
+            segment_id: &snapshot.segment_id,
+            sequence: snapshot.sequence,
+            dump_time: snapshot.dump_time,
+            time_bucket: snapshot.time_bucket(),
+            stack: &snapshot.stack,
+        })
+        .collect();
+    let mut insert = client
+        .insert::<SnapshotInsertRow<'_>>("profile_thread_snapshot")
+        .await
+        .expect("insert");
+    for row in &rows {
+        insert.write(row).await.expect("write");
+    }
+    insert.end().await.expect("end");
+}
+
+/// A client configured as `ClickHouseStore::connect` configures its own (validation
+/// off, the store's database, LZ4: the crate's default with its `lz4` feature, named here
+/// because that default is `None` whenever the crate's `test-util` feature is on), over
+/// the given HTTP transport.
+fn store_like(client: Client, url: &str) -> Client {
+    client
+        .with_url(url)
+        .with_validation(false)
+        .with_database("skysnap")
+        .with_compression(Compression::Lz4)
+}
+
+/// The ClickHouse store's INSERT of one shard batch of 2,000 snapshots
+/// (`pipeline.batch_max_snapshots`'s default). The `clickhouse` crate has no public
+/// RowBinary serializer, so this runs its real `Insert` against a loopback HTTP endpoint
+/// that only drains the body: each figure is building the borrowed rows + RowBinary
+/// encoding + compression + chunked HTTP/1.1 over loopback, with no ClickHouse server
+/// work.
+///
+/// - `store_client_lz4`: exactly the store's client (`TCP_NODELAY` on): the encoding +
+///   LZ4 cost of a batch.
+/// - `store_client_uncompressed`: without LZ4, to show what compression costs (the body
+///   is ~40× larger, as the frames repeat).
+/// - `crate_default_client_lz4`: the crate's default transport, which leaves Nagle's
+///   algorithm on, so the INSERT's last small write waits for the peer's delayed ACK
+///   (~40 ms on Linux): the reason the store sets `TCP_NODELAY`.
+fn bench_clickhouse_encoding(c: &mut Criterion) {
+    const BATCH: usize = 2_000;
+    let batch: Vec<SnapshotRecord> = (1..=(BATCH / STREAM) as u64).flat_map(records).collect();
+    assert_eq!(batch.len(), BATCH);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let stats = Arc::new(EndpointStats::default());
+    let url = runtime.block_on(clickhouse_endpoint(stats.clone()));
+    let variants = [
+        ("store_client_lz4", store_like(nodelay_client(), &url)),
+        (
+            "store_client_uncompressed",
+            store_like(nodelay_client(), &url).with_compression(Compression::None),
+        ),
+        (
+            "crate_default_client_lz4",
+            store_like(Client::default(), &url),
+        ),
+    ];
+
+    let mut group = c.benchmark_group("clickhouse_encoding");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for (name, client) in &variants {
+        runtime.block_on(insert_batch(client, &batch));
+        assert_eq!(
+            stats.decompress.load(Ordering::Relaxed),
+            name.ends_with("lz4"),
+            "the endpoint sees the client's compression"
+        );
+        eprintln!(
+            "clickhouse_encoding/{name}: {} body bytes per batch",
+            stats.body_bytes.load(Ordering::Relaxed)
+        );
+        group.bench_function(*name, |b| {
+            b.iter(|| runtime.block_on(insert_batch(client, &batch)))
+        });
+    }
+    group.finish();
+}
+
 fn bench_pipeline_null_sink(c: &mut Criterion) {
     let system = actix_rt::System::new();
     let shards = system.block_on(async {
@@ -105,6 +251,7 @@ fn bench_pipeline_null_sink(c: &mut Criterion) {
             max_snapshots: 2_000,
             max_bytes: 8 * 1024 * 1024,
             flush_interval: Duration::from_millis(200),
+            max_commits_in_flight: 2,
         };
         let retry = RetryPolicy {
             max_attempts: 1,
@@ -168,6 +315,7 @@ criterion_group!(
     bench_decode_validate,
     bench_shard_routing,
     bench_encoding,
+    bench_clickhouse_encoding,
     bench_pipeline_null_sink
 );
 criterion_main!(benches);

@@ -222,6 +222,9 @@ pub enum PipelineMode {
     Direct,
     /// Receivers write to Kafka only; `skysnap consume` moves the topic into the store.
     Kafka,
+    /// Receivers decode, validate and batch snapshots, then drop them: the baseline that
+    /// measures skysnap's own cost in benchmarks. Nothing is stored; never for production.
+    Discard,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,6 +243,8 @@ pub struct PipelineConfig {
     pub shard_mailbox_capacity: usize,
     /// Snapshots a stream handler hands to a shard in one message at most.
     pub stream_chunk_snapshots: usize,
+    /// Closed batches of one shard that commit at once while the shard fills the next.
+    pub shard_commits_in_flight: usize,
 }
 
 impl Default for PipelineConfig {
@@ -255,6 +260,9 @@ impl Default for PipelineConfig {
             batch_flush_interval_ms: 200,
             shard_mailbox_capacity: 16,
             stream_chunk_snapshots: 256,
+            // One batch committing while the next fills kept the streams from stalling
+            // on each commit (docs/PERFORMANCE.md); more only queues at the store.
+            shard_commits_in_flight: 2,
         }
     }
 }
@@ -460,6 +468,12 @@ impl Config {
                 "must be greater than zero",
             );
         }
+        if self.pipeline.shard_commits_in_flight == 0 {
+            return invalid(
+                "pipeline.shard_commits_in_flight",
+                "must be greater than zero",
+            );
+        }
         if self.sink.retry_max_attempts == 0 {
             return invalid("sink.retry_max_attempts", "must be at least 1");
         }
@@ -513,6 +527,12 @@ impl Config {
         }
         if self.pipeline.mode == PipelineMode::Kafka && !self.kafka_enabled() {
             return invalid("kafka.brokers", "pipeline.mode kafka needs kafka.brokers");
+        }
+        if self.pipeline.mode == PipelineMode::Discard && self.kafka_enabled() {
+            return invalid(
+                "kafka.brokers",
+                "pipeline.mode discard writes nowhere; leave kafka.brokers empty",
+            );
         }
         if self.kafka.topic.is_empty() {
             return invalid("kafka.topic", "must not be empty");
@@ -705,6 +725,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("pipeline.batch_max_snapshots"), "{error}");
+
+        let error = Config::load_with_env(
+            None,
+            &env(&[
+                ("SKYSNAP_PIPELINE_MODE", "discard"),
+                ("SKYSNAP_KAFKA_BROKERS", "127.0.0.1:9092"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("kafka.brokers"), "{error}");
+        let config =
+            Config::load_with_env(None, &env(&[("SKYSNAP_PIPELINE_MODE", "discard")])).unwrap();
+        assert_eq!(config.pipeline.mode, PipelineMode::Discard);
 
         let f = file("store:\n  kind: postgres\n");
         let error = Config::load_with_env(Some(f.path()), &[])

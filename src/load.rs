@@ -11,13 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use prost::Message as _;
 use serde_json::{json, Value};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+use tonic::Status;
 
 use crate::proto::v3::profile_task_client::ProfileTaskClient;
-use crate::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
+use crate::proto::v3::{Commands, ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -135,6 +139,115 @@ pub fn segment_snapshots(
         .collect()
 }
 
+/// Distinct segments' stacks each stream cycles through.
+const STACK_TEMPLATES_PER_STREAM: u64 = 4;
+
+/// Field number of `stack` in `ThreadSnapshot`, the last field of the message.
+const STACK_FIELD: u32 = 5;
+
+/// Stacks of one segment, each already encoded as the `stack` field of a
+/// `ThreadSnapshot`: the generator builds its stacks once and sends them many times,
+/// so that the figures measure the server, not the generator's string copies.
+pub struct EncodedStacks(Vec<Bytes>);
+
+impl EncodedStacks {
+    pub fn new(snapshots: &[ThreadSnapshot]) -> EncodedStacks {
+        EncodedStacks(
+            snapshots
+                .iter()
+                .map(|snapshot| {
+                    let stack = snapshot.stack.clone().unwrap_or_default();
+                    let mut field = BytesMut::new();
+                    prost::encoding::message::encode(STACK_FIELD, &stack, &mut field);
+                    field.freeze()
+                })
+                .collect(),
+        )
+    }
+
+    /// The wire bytes of each snapshot of a segment: the small fields encoded fresh,
+    /// then the stack field; byte for byte what `ThreadSnapshot::encode` writes.
+    pub fn messages(&self, task_id: &str, segment_id: &str, start_ms: i64) -> Vec<Bytes> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(sequence, stack_field)| {
+                let sequence = sequence as i32;
+                let head = ThreadSnapshot {
+                    task_id: task_id.to_string(),
+                    trace_segment_id: segment_id.to_string(),
+                    time: start_ms + i64::from(sequence) * 10,
+                    sequence,
+                    stack: None,
+                };
+                let mut message = BytesMut::with_capacity(head.encoded_len() + stack_field.len());
+                head.encode(&mut message).expect("a BytesMut grows");
+                message.put_slice(stack_field);
+                message.freeze()
+            })
+            .collect()
+    }
+}
+
+/// Sends already-encoded `ThreadSnapshot` messages as they are and decodes the
+/// `Commands` reply; the server sees the same bytes a prost client would send.
+#[derive(Clone, Copy, Default)]
+struct EncodedSnapshotCodec;
+
+impl Codec for EncodedSnapshotCodec {
+    type Encode = Bytes;
+    type Decode = Commands;
+    type Encoder = EncodedSnapshotCodec;
+    type Decoder = EncodedSnapshotCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl Encoder for EncodedSnapshotCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for EncodedSnapshotCodec {
+    type Item = Commands;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Commands>, Status> {
+        Commands::decode(src)
+            .map(Some)
+            .map_err(|error| Status::internal(format!("cannot decode Commands: {error}")))
+    }
+}
+
+/// One `collectSnapshot` stream of already-encoded snapshots.
+async fn collect_encoded(
+    channel: Channel,
+    messages: Vec<Bytes>,
+    token_opt: &Option<String>,
+) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|error| Status::unavailable(format!("channel not ready: {error}")))?;
+    let request = with_token(tokio_stream::iter(messages), token_opt)
+        .map_err(|error| Status::invalid_argument(error.to_string()))?;
+    let path = PathAndQuery::from_static("/skywalking.v3.ProfileTask/collectSnapshot");
+    grpc.client_streaming(request, path, EncodedSnapshotCodec)
+        .await
+        .map(|_| ())
+}
+
 fn with_token<T>(message: T, token_opt: &Option<String>) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = token_opt {
@@ -220,17 +333,19 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     if options.agents == 0 || options.streams_per_agent == 0 || options.snapshots_per_stream <= 0 {
         bail!("--agents, --streams and --batch must be greater than zero");
     }
-    let channel = Channel::from_shared(options.target.clone())
-        .context("--target must be a URL such as http://127.0.0.1:11800")?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach skysnap at {}", options.target))?;
+    let endpoint = Channel::from_shared(options.target.clone())
+        .context("--target must be a URL such as http://127.0.0.1:11800")?;
     let pool = frame_pool(options.frame_pool);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
 
-    // Each agent polls like a real one; tasks come from the API when it is given.
-    let mut task_ids = Vec::new();
+    // Each agent has its own connection and polls like a real one; tasks come from the
+    // API when it is given.
+    let mut agents = Vec::new();
     for agent in 0..options.agents {
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach skysnap at {}", options.target))?;
         let service = format!("load-service-{agent}");
         let task_id = match &options.http_opt {
             Some(http) => task_for(http, &options.admin_token_opt, &service).await?,
@@ -245,7 +360,29 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
             .get_profile_task_commands(with_token(query, &options.agent_token_opt)?)
             .await
             .context("getProfileTaskCommands")?;
-        task_ids.push(task_id);
+        agents.push((task_id, channel));
+    }
+
+    // Each stream sends its few segments' stacks over and over, each round under a new
+    // segment id; building them now keeps the generator's work per round to a few copies.
+    let mut stacks = Vec::new();
+    for agent in 0..options.agents {
+        for stream in 0..options.streams_per_agent {
+            let templates: Vec<EncodedStacks> = (0..STACK_TEMPLATES_PER_STREAM)
+                .map(|template| {
+                    let seed = (agent as u64) << 40 ^ (stream as u64) << 20 ^ template;
+                    EncodedStacks::new(&segment_snapshots(
+                        "",
+                        "",
+                        options.snapshots_per_stream,
+                        options.stack_depth,
+                        &pool,
+                        seed,
+                    ))
+                })
+                .collect();
+            stacks.push(templates);
+        }
     }
 
     let started = Instant::now();
@@ -256,9 +393,11 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     let acknowledged: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
     let bytes = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for (agent, task_id) in task_ids.iter().enumerate() {
+    let mut stacks = stacks.into_iter();
+    for (agent, (task_id, channel)) in agents.iter().enumerate() {
         for stream in 0..options.streams_per_agent {
-            let (channel, pool, options) = (channel.clone(), pool.clone(), options.clone());
+            let templates = stacks.next().expect("one stack set per stream");
+            let (channel, options) = (channel.clone(), options.clone());
             let (sent, latencies, errors, acknowledged, bytes) = (
                 sent.clone(),
                 latencies.clone(),
@@ -269,7 +408,6 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
             let task_id = task_id.clone();
             let run_id = run_id.clone();
             workers.push(tokio::spawn(async move {
-                let mut client = ProfileTaskClient::new(channel);
                 let mut round: u64 = 0;
                 while Instant::now() < deadline {
                     round += 1;
@@ -285,24 +423,13 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
                         tokio::time::sleep_until(wait.into()).await;
                     }
                     let segment = format!("{run_id}.{agent}.{stream}.{round}");
-                    let seed = (agent as u64) << 40 ^ (stream as u64) << 20 ^ round;
-                    let messages = segment_snapshots(
-                        &task_id,
-                        &segment,
-                        options.snapshots_per_stream,
-                        options.stack_depth,
-                        &pool,
-                        seed,
-                    );
-                    let size: u64 = messages.iter().map(|m| m.encoded_len() as u64).sum();
-                    let Ok(request) =
-                        with_token(tokio_stream::iter(messages), &options.agent_token_opt)
-                    else {
-                        return;
-                    };
+                    let template = &templates[round as usize % templates.len()];
+                    let messages = template.messages(&task_id, &segment, crate::model::now_ms());
+                    let size: u64 = messages.iter().map(|m| m.len() as u64).sum();
                     let begun = Instant::now();
-                    match client.collect_snapshot(request).await {
-                        Ok(_) => {
+                    match collect_encoded(channel.clone(), messages, &options.agent_token_opt).await
+                    {
+                        Ok(()) => {
                             latencies.lock().unwrap().push(begun.elapsed());
                             bytes.fetch_add(size, Ordering::Relaxed);
                             acknowledged.lock().unwrap().push((agent, segment));
@@ -348,7 +475,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     };
     if let Some(http) = &options.http_opt {
         let mut stored: HashMap<usize, HashMap<String, u64>> = HashMap::new();
-        for (agent, task_id) in task_ids.iter().enumerate() {
+        for (agent, (task_id, _)) in agents.iter().enumerate() {
             stored.insert(
                 agent,
                 stored_counts(http, &options.admin_token_opt, task_id).await?,
@@ -422,6 +549,25 @@ mod tests {
             snapshots[5].stack,
             segment_snapshots("t", "s", 20, 40, &pool, 7)[5].stack
         );
+    }
+
+    #[test]
+    fn test_load_encoded_messages_are_prost_bytes() {
+        let pool = frame_pool(100);
+        let snapshots = segment_snapshots("", "", 5, 40, &pool, 3);
+        let stacks = EncodedStacks::new(&snapshots);
+        let messages = stacks.messages("task-1", "segment-1", 1_000);
+        assert_eq!(messages.len(), 5);
+        for (sequence, (bytes, original)) in messages.iter().zip(&snapshots).enumerate() {
+            let expected = ThreadSnapshot {
+                task_id: "task-1".into(),
+                trace_segment_id: "segment-1".into(),
+                time: 1_000 + sequence as i64 * 10,
+                sequence: sequence as i32,
+                stack: original.stack.clone(),
+            };
+            assert_eq!(bytes.as_ref(), expected.encode_to_vec().as_slice());
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::actors::shard::{BatchLimits, CloseReason, Flush, SnapshotShard};
 use crate::actors::sink::kafka::KafkaSink;
 use crate::actors::sink::retry::RetryPolicy;
 use crate::actors::sink::store::StoreSink;
-use crate::actors::sink::SnapshotSink;
+use crate::actors::sink::{NullSink, SnapshotSink};
 use crate::actors::task_by_id::TaskByIdCache;
 use crate::actors::task_cache::{Refresh, TaskCacheActor};
 use crate::actors::task_log::{FlushLogs, TaskLogWriter};
@@ -58,6 +58,7 @@ impl Pipeline {
             max_snapshots: config.pipeline.batch_max_snapshots,
             max_bytes: config.pipeline.batch_max_bytes,
             flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms),
+            max_commits_in_flight: config.pipeline.shard_commits_in_flight,
         };
         let retry = RetryPolicy::from_config(&config.sink);
         let shard_sinks = sinks.clone();
@@ -195,11 +196,15 @@ impl Pipeline {
 }
 
 /// The sinks of a configuration: `direct` writes to the store, then (when brokers are
-/// set) copies to Kafka; `kafka` writes to Kafka only.
+/// set) copies to Kafka; `kafka` writes to Kafka only; `discard` drops every batch.
 pub fn sinks_for(
     config: &Config,
     store: Arc<dyn Store>,
 ) -> anyhow::Result<Vec<Arc<dyn SnapshotSink>>> {
+    if config.pipeline.mode == PipelineMode::Discard {
+        tracing::warn!("pipeline.mode is discard: snapshots are acknowledged but not stored");
+        return Ok(vec![Arc::new(NullSink)]);
+    }
     let mut sinks: Vec<Arc<dyn SnapshotSink>> = Vec::new();
     if config.pipeline.mode == PipelineMode::Direct {
         sinks.push(Arc::new(StoreSink::new(store)));

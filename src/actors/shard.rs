@@ -1,14 +1,16 @@
 //! A snapshot shard: collects the snapshots routed to it into a batch, closes the batch
 //! for a named reason (size, bytes, timer, drain, shutdown), commits it to every sink
 //! with bounded retries, and only then answers the receipts of the streams that sent
-//! them. While a batch commits the shard takes no new messages, so a slow sink fills
-//! the bounded mailbox and senders wait: backpressure reaches the gRPC streams.
+//! them. A shard keeps filling its next batch while at most
+//! `max_commits_in_flight` batches commit; when that many are in flight it takes no
+//! new messages until one finishes, so a slow sink fills the bounded mailbox and
+//! senders wait: backpressure reaches the gRPC streams.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::sink::retry::{write_with_retry, RetryPolicy};
 use super::sink::{SinkError, SnapshotSink};
@@ -60,6 +62,9 @@ pub struct BatchLimits {
     pub max_snapshots: usize,
     pub max_bytes: usize,
     pub flush_interval: Duration,
+    /// Closed batches of one shard committing at once; while they do, the shard goes on
+    /// filling the next one instead of stalling its streams.
+    pub max_commits_in_flight: usize,
 }
 
 #[derive(Default)]
@@ -79,6 +84,8 @@ pub struct SnapshotShard {
     retry: RetryPolicy,
     mailbox_capacity: usize,
     batch: Batch,
+    /// One permit per batch that may commit at once (`max_commits_in_flight`).
+    commit_permits: Arc<Semaphore>,
 }
 
 impl SnapshotShard {
@@ -92,14 +99,16 @@ impl SnapshotShard {
         SnapshotShard {
             batch_gauge: ::metrics::gauge!(metrics::SHARD_BATCH_SNAPSHOTS, "shard" => shard_index.to_string()),
             sinks,
-            limits,
             retry,
             mailbox_capacity,
+            commit_permits: Arc::new(Semaphore::new(limits.max_commits_in_flight.max(1))),
+            limits,
             batch: Batch::default(),
         }
     }
 
-    /// Takes the open batch and commits it; the actor waits (takes no messages) until done.
+    /// Takes the open batch and commits it in the background; when the most batches
+    /// allowed are already committing, the actor waits (takes no messages) for a slot.
     fn close_batch(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
         let next_id = self.batch.id + 1;
         let batch = std::mem::replace(
@@ -119,29 +128,54 @@ impl SnapshotShard {
         metrics::batch_closed(reason.as_str());
         let sinks = self.sinks.clone();
         let retry = self.retry.clone();
-        let commit = async move {
-            let result = commit_to_sinks(&sinks, &batch.records, &retry).await;
-            let count = batch.records.len();
-            match &result {
-                Ok(()) => {
-                    ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(count as u64);
-                }
-                Err(error) => {
-                    tracing::error!(%error, snapshots = count, "batch not committed; its streams get UNAVAILABLE");
-                    metrics::snapshots_refused("sink_unavailable", count);
-                }
+        // Commits run as tasks of the shard's thread, not inside the actor's context:
+        // actix polls nothing else of an actor while it waits, so a commit spawned into
+        // the context could never free the slot the actor is waiting for.
+        match self.commit_permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                actix::spawn(commit_batch(batch, sinks, retry, permit));
             }
-            for waiter in batch.waiters {
-                let _ = waiter.send(result.clone());
+            Err(_) => {
+                let permits = self.commit_permits.clone();
+                let wait_for_slot = async move {
+                    let permit = permits
+                        .acquire_owned()
+                        .await
+                        .expect("the shard never closes its semaphore");
+                    actix::spawn(commit_batch(batch, sinks, retry, permit));
+                };
+                ctx.wait(wait_for_slot.into_actor(self));
             }
-        };
-        ctx.wait(commit.into_actor(self));
+        }
     }
 
     fn on_timer(&mut self, batch_id: u64, ctx: &mut Context<Self>) {
         if self.batch.id == batch_id && !self.batch.records.is_empty() {
             self.close_batch(CloseReason::Timer, ctx);
         }
+    }
+}
+
+/// Commits one closed batch and answers its waiters; the permit frees the slot.
+async fn commit_batch(
+    batch: Batch,
+    sinks: Arc<[Arc<dyn SnapshotSink>]>,
+    retry: RetryPolicy,
+    _permit: OwnedSemaphorePermit,
+) {
+    let result = commit_to_sinks(&sinks, &batch.records, &retry).await;
+    let count = batch.records.len();
+    match &result {
+        Ok(()) => {
+            ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(count as u64);
+        }
+        Err(error) => {
+            tracing::error!(%error, snapshots = count, "batch not committed; its streams get UNAVAILABLE");
+            metrics::snapshots_refused("sink_unavailable", count);
+        }
+    }
+    for waiter in batch.waiters {
+        let _ = waiter.send(result.clone());
     }
 }
 
@@ -206,14 +240,19 @@ impl Handler<Flush> for SnapshotShard {
         let (sender, done) = oneshot::channel();
         self.batch.waiters.push(sender);
         self.close_batch(message.reason, ctx);
+        // Answer once every batch closed before this flush has committed as well.
+        let permits = self.commit_permits.clone();
+        let all_permits = self.limits.max_commits_in_flight.max(1) as u32;
         Box::pin(async move {
-            done.await.unwrap_or_else(|_| {
+            let result = done.await.unwrap_or_else(|_| {
                 Err(SinkError {
                     sink: "shard",
                     message: "shard stopped before the flush finished".to_string(),
                     retriable: true,
                 })
-            })
+            });
+            let _all_committed = permits.acquire_many(all_permits).await;
+            result
         })
     }
 }
@@ -293,6 +332,7 @@ mod tests {
             max_snapshots,
             max_bytes,
             flush_interval: Duration::from_millis(flush_ms),
+            max_commits_in_flight: 2,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct ProfileService {
     chunk_snapshots: usize,
     /// `skysnap_shard_mailbox_depth` of each shard.
     mailbox_depth: Arc<[::metrics::Gauge]>,
+    /// Handles resolved once: a `counter!` lookup per snapshot shows on the hot path.
+    snapshots_received: ::metrics::Counter,
+    snapshots_unknown_task: ::metrics::Counter,
 }
 
 impl ProfileService {
@@ -48,6 +51,8 @@ impl ProfileService {
             .collect();
         ProfileService {
             mailbox_depth,
+            snapshots_received: ::metrics::counter!(metrics::SNAPSHOTS_RECEIVED),
+            snapshots_unknown_task: ::metrics::counter!(metrics::SNAPSHOTS_UNKNOWN_TASK),
             handles,
             in_flight,
             max_stack_depth,
@@ -174,6 +179,8 @@ impl ProfileService {
         let mut chunks = stream.ready_chunks(self.chunk_snapshots);
 
         'read: while let Some(chunk) = chunks.next().await {
+            let decoded = chunk.iter().take_while(|item| item.is_ok()).count();
+            self.snapshots_received.increment(decoded as u64);
             for item in chunk {
                 let snapshot = match item {
                     Ok(snapshot) => snapshot,
@@ -182,7 +189,6 @@ impl ProfileService {
                         break 'read;
                     }
                 };
-                ::metrics::counter!(metrics::SNAPSHOTS_RECEIVED).increment(1);
                 let record = match to_record(snapshot, self.max_stack_depth) {
                     Ok(record) => record,
                     Err(reason) => {
@@ -191,7 +197,7 @@ impl ProfileService {
                     }
                 };
                 if !self.is_known_task(&record.task_id, &mut known_tasks).await {
-                    ::metrics::counter!(metrics::SNAPSHOTS_UNKNOWN_TASK).increment(1);
+                    self.snapshots_unknown_task.increment(1);
                 }
                 let shard = shard_for(&record.task_id, &record.segment_id, shards.len());
                 by_shard[shard].push(record);

@@ -19,7 +19,10 @@ use crate::model::{
 const RETENTION_CHUNK_ROWS: i64 = 10_000;
 
 /// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
-/// them and `json_each` can query them.
+/// them and `json_each` can query them. Snapshot rows (~2 KB) live in a rowid table,
+/// appended in arrival order, with the key as a unique index: SQLite advises WITHOUT
+/// ROWID only for small rows, and a key-ordered table of 2 KB rows splits pages on
+/// most inserts (measured: 3x slower and 2x larger on disk).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profile_task (
     id                     TEXT PRIMARY KEY,
@@ -55,8 +58,8 @@ CREATE TABLE IF NOT EXISTS profile_thread_snapshot (
     dump_time   INTEGER NOT NULL,
     time_bucket INTEGER NOT NULL,
     stack       TEXT NOT NULL,
-    PRIMARY KEY (task_id, segment_id, sequence)
-) WITHOUT ROWID;
+    UNIQUE (task_id, segment_id, sequence)
+);
 CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_segment
     ON profile_thread_snapshot (segment_id, sequence);
 CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_bucket
@@ -76,11 +79,14 @@ fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     connection
         .busy_timeout(busy_timeout)
         .map_err(|error| map_error(&error))?;
-    // WAL lets the API read while a batch commits; NORMAL sync keeps every committed
-    // transaction across a process crash (only an OS crash can lose the newest ones).
+    // 16 KiB pages hold seven ~2 KB snapshot rows where 4 KiB pages held one or two
+    // (a no-op on an existing file). WAL lets the API read while a batch commits;
+    // NORMAL sync keeps every committed transaction across a process crash (only an
+    // OS crash can lose the newest ones).
     connection
         .execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF;",
+            "PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
+             PRAGMA foreign_keys=OFF;",
         )
         .map_err(|error| map_error(&error))?;
     Ok(connection)
@@ -136,6 +142,12 @@ impl SqliteStore {
             })?;
         }
         let writer = open_connection(path, busy_timeout)?;
+        // The writer's page cache holds the hot index pages of every insert; 64 MiB
+        // instead of SQLite's 2 MiB took batch inserts from 43k to 50k rows/s (one
+        // thread, 2,000-row transactions). Readers keep the default.
+        writer
+            .execute_batch("PRAGMA cache_size=-65536;")
+            .map_err(|error| map_error(&error))?;
         writer
             .execute_batch(SCHEMA)
             .map_err(|error| map_error(&error))?;
@@ -230,6 +242,17 @@ fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord
         dump_time: row.get(3)?,
         stack,
     })
+}
+
+/// A snapshot as the writer thread inserts it.
+struct SqliteSnapshotRow {
+    task_id: String,
+    segment_id: String,
+    sequence: i32,
+    dump_time: i64,
+    time_bucket: i64,
+    /// The stack as a JSON array of frame strings, queryable with `json_each`.
+    stack_json: String,
 }
 
 #[async_trait]
@@ -386,12 +409,17 @@ impl Store for SqliteStore {
     }
 
     async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError> {
-        // Encode outside the writer lock: only the inserts hold it.
-        let rows: Vec<(SnapshotRecord, String)> = snapshots
+        // Encode outside the writer lock: only the inserts hold it. The writer thread
+        // needs owned rows; the stack goes over as its JSON text, not as forty strings.
+        let rows: Vec<SqliteSnapshotRow> = snapshots
             .iter()
-            .map(|snapshot| {
-                let stack = serde_json::to_string(&snapshot.stack).expect("strings serialise");
-                (snapshot.clone(), stack)
+            .map(|snapshot| SqliteSnapshotRow {
+                task_id: snapshot.task_id.clone(),
+                segment_id: snapshot.segment_id.clone(),
+                sequence: snapshot.sequence,
+                dump_time: snapshot.dump_time,
+                time_bucket: snapshot.time_bucket(),
+                stack_json: serde_json::to_string(&snapshot.stack).expect("strings serialise"),
             })
             .collect();
         self.write(move |connection| {
@@ -402,14 +430,14 @@ impl Store for SqliteStore {
                      (task_id, segment_id, sequence, dump_time, time_bucket, stack) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
-                for (snapshot, stack) in &rows {
+                for row in &rows {
                     statement.execute(params![
-                        snapshot.task_id,
-                        snapshot.segment_id,
-                        snapshot.sequence,
-                        snapshot.dump_time,
-                        snapshot.time_bucket(),
-                        stack,
+                        row.task_id,
+                        row.segment_id,
+                        row.sequence,
+                        row.dump_time,
+                        row.time_bucket,
+                        row.stack_json,
                     ])?;
                 }
             }

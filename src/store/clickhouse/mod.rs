@@ -15,6 +15,20 @@ use crate::config::ClickHouseConfig;
 use crate::model::{minute_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
 use schema::ServerVersion;
 
+/// A ClickHouse client on the crate's own HTTP defaults plus `TCP_NODELAY`. Without it
+/// the last small write of every INSERT waited for the server's delayed ACK, about
+/// 40 ms per batch on Linux (the `clickhouse_encoding` bench shows both).
+pub fn nodelay_client() -> Client {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    connector.set_nodelay(true);
+    Client::with_http_client(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(2))
+            .build(connector),
+    )
+}
+
 pub struct ClickHouseStore {
     client: Client,
     database: String,
@@ -81,14 +95,25 @@ struct LogRow {
     time_bucket: i64,
 }
 
-#[derive(Debug, Row, Serialize, Deserialize)]
+#[derive(Debug, Row, Deserialize)]
 struct SnapshotRow {
     task_id: String,
     segment_id: String,
     sequence: i32,
     dump_time: i64,
-    time_bucket: i64,
     stack: Vec<String>,
+}
+
+/// A snapshot row as written: it borrows from the batch, so an INSERT encodes the
+/// frames straight from the records instead of copying forty strings per row first.
+#[derive(Debug, Row, Serialize)]
+struct SnapshotInsertRow<'a> {
+    task_id: &'a str,
+    segment_id: &'a str,
+    sequence: i32,
+    dump_time: i64,
+    time_bucket: i64,
+    stack: &'a [String],
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -147,9 +172,10 @@ impl ClickHouseStore {
         config: &ClickHouseConfig,
         retention_days: u32,
     ) -> Result<ClickHouseStore, StoreError> {
-        let mut client = Client::default()
+        let mut client = nodelay_client()
             .with_url(&config.url)
-            .with_validation(false);
+            .with_validation(false)
+            .with_compression(clickhouse::Compression::Lz4);
         if let Some(user) = &config.user {
             client = client.with_user(user);
         }
@@ -334,18 +360,18 @@ impl Store for ClickHouseStore {
     }
 
     async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError> {
-        let rows: Vec<SnapshotRow> = snapshots
+        let rows: Vec<SnapshotInsertRow<'_>> = snapshots
             .iter()
-            .map(|snapshot| SnapshotRow {
-                task_id: snapshot.task_id.clone(),
-                segment_id: snapshot.segment_id.clone(),
+            .map(|snapshot| SnapshotInsertRow {
+                task_id: &snapshot.task_id,
+                segment_id: &snapshot.segment_id,
                 sequence: snapshot.sequence,
                 dump_time: snapshot.dump_time,
                 time_bucket: snapshot.time_bucket(),
-                stack: snapshot.stack.clone(),
+                stack: &snapshot.stack,
             })
             .collect();
-        self.insert_rows::<SnapshotRow>("profile_thread_snapshot", &rows)
+        self.insert_rows::<SnapshotInsertRow<'_>>("profile_thread_snapshot", &rows)
             .await
     }
 

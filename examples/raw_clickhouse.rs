@@ -1,0 +1,307 @@
+//! The "ClickHouse limit" baseline: raw RowBinary INSERTs over HTTP with the
+//! `clickhouse` crate, of the same rows skysnap stores in `profile_thread_snapshot`,
+//! with no gRPC and no skysnap pipeline in the way.
+//!
+//! The snapshots come from the load generator's own functions (`skysnap::load`), are
+//! generated before the clock starts, and are written through a borrowing row type, so
+//! the timed part is the INSERT cost alone: `--concurrency` tasks each repeat
+//! `INSERT` of `--batch` rows until `--seconds` are up.
+//!
+//!   cargo run --release --example raw_clickhouse -- --seconds 5 --json
+//!
+//! The database and table are created with skysnap's DDL for the server's version
+//! (`ClickHouseStore::connect`, which renders `schemas/clickhouse.sql` for it); the
+//! table is truncated first unless `--keep`.
+//!
+//! The pre-generated rows are reused cyclically, so keys repeat across INSERTs; the
+//! table is a ReplacingMergeTree, so background merges collapse the repeats. The
+//! on-disk figures (`bytes_on_disk`, `rows_on_disk` from `system.parts`, active parts,
+//! read as-is right after the run) are therefore per row still on disk, which can be
+//! fewer than the rows inserted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use prost::Message as _;
+use skysnap::config::{ClickHouseConfig, PipelineConfig, RetentionConfig};
+use skysnap::load::{frame_pool, segment_snapshots};
+use skysnap::model::second_bucket;
+use skysnap::proto::v3::ThreadSnapshot;
+use skysnap::store::clickhouse::ClickHouseStore;
+
+const TABLE: &str = "profile_thread_snapshot";
+/// Segments generated before the run (at least; more when one round needs more rows).
+const MIN_SEGMENTS: usize = 64;
+
+#[derive(Debug, Parser)]
+#[command(about = "Raw RowBinary INSERT throughput of skysnap's snapshot rows")]
+struct Args {
+    /// HTTP interface of the ClickHouse server.
+    #[arg(long, default_value = "http://127.0.0.1:18123")]
+    url: String,
+    /// Database to create the table in.
+    #[arg(long, default_value = "skysnap_raw")]
+    database: String,
+    /// Rows per INSERT (skysnap's pipeline.batch_max_snapshots).
+    #[arg(long, default_value_t = PipelineConfig::default().batch_max_snapshots)]
+    batch: usize,
+    /// Frames per stack.
+    #[arg(long, default_value_t = 40)]
+    depth: usize,
+    /// Distinct frames the stacks are drawn from.
+    #[arg(long, default_value_t = 3000)]
+    pool: usize,
+    /// Snapshots per segment (the load generator's --batch).
+    #[arg(long, default_value_t = 500)]
+    segment_snapshots: i32,
+    /// Concurrent INSERTs.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Length of the timed run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Keep the table's rows instead of truncating it first.
+    #[arg(long)]
+    keep: bool,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A snapshot row as inserted, borrowing from the pre-generated snapshots; the same
+/// columns, in the same order, as `profile_thread_snapshot`.
+#[derive(clickhouse::Row, serde::Serialize)]
+struct Row<'a> {
+    task_id: &'a str,
+    segment_id: &'a str,
+    sequence: i32,
+    dump_time: i64,
+    time_bucket: i64,
+    stack: &'a [String],
+}
+
+/// A pre-generated snapshot with what the run counts for it.
+struct Prepared {
+    snapshot: ThreadSnapshot,
+    time_bucket: i64,
+    encoded_bytes: u64,
+    frame_bytes: u64,
+}
+
+impl Prepared {
+    fn new(snapshot: ThreadSnapshot) -> Prepared {
+        let frame_bytes = stack_of(&snapshot).iter().map(|f| f.len() as u64).sum();
+        Prepared {
+            time_bucket: second_bucket(snapshot.time),
+            encoded_bytes: snapshot.encoded_len() as u64,
+            frame_bytes,
+            snapshot,
+        }
+    }
+
+    fn row(&self) -> Row<'_> {
+        Row {
+            task_id: &self.snapshot.task_id,
+            segment_id: &self.snapshot.trace_segment_id,
+            sequence: self.snapshot.sequence,
+            dump_time: self.snapshot.time,
+            time_bucket: self.time_bucket,
+            stack: stack_of(&self.snapshot),
+        }
+    }
+}
+
+fn stack_of(snapshot: &ThreadSnapshot) -> &[String] {
+    snapshot
+        .stack
+        .as_ref()
+        .map(|stack| stack.code_signatures.as_slice())
+        .unwrap_or(&[])
+}
+
+#[derive(Default)]
+struct Totals {
+    rows: AtomicU64,
+    inserts: AtomicU64,
+    encoded_bytes: AtomicU64,
+    frame_bytes: AtomicU64,
+}
+
+/// Repeats INSERTs of `batch` rows, taken cyclically from `rows` starting at `start`,
+/// until `deadline`; counts only committed INSERTs.
+async fn insert_loop(
+    client: clickhouse::Client,
+    rows: Arc<Vec<Prepared>>,
+    start: usize,
+    batch: usize,
+    deadline: Instant,
+    totals: Arc<Totals>,
+) -> anyhow::Result<()> {
+    let mut next = start % rows.len();
+    while Instant::now() < deadline {
+        let (mut encoded, mut frames) = (0u64, 0u64);
+        let mut insert = client.insert::<Row<'_>>(TABLE).await?;
+        for _ in 0..batch {
+            let prepared = &rows[next];
+            insert.write(&prepared.row()).await?;
+            encoded += prepared.encoded_bytes;
+            frames += prepared.frame_bytes;
+            next = (next + 1) % rows.len();
+        }
+        insert.end().await?;
+        totals.rows.fetch_add(batch as u64, Ordering::Relaxed);
+        totals.inserts.fetch_add(1, Ordering::Relaxed);
+        totals.encoded_bytes.fetch_add(encoded, Ordering::Relaxed);
+        totals.frame_bytes.fetch_add(frames, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.batch == 0 || args.concurrency == 0 || args.segment_snapshots <= 0 || args.depth == 0 {
+        anyhow::bail!("--batch, --concurrency, --segment-snapshots and --depth must be positive");
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        anyhow::bail!("--seconds must be a positive number");
+    }
+
+    // skysnap's own start-up: read the server version, apply the DDL rendered for it
+    // (CREATE DATABASE IF NOT EXISTS, then the tables).
+    let store_config = ClickHouseConfig {
+        url: args.url.clone(),
+        database: args.database.clone(),
+        create_schema: true,
+        ..ClickHouseConfig::default()
+    };
+    let store = ClickHouseStore::connect(&store_config, RetentionConfig::default().days)
+        .await
+        .with_context(|| format!("cannot set up {} at {}", args.database, args.url))?;
+    let version = store.version();
+    drop(store);
+
+    // The same transport as the store (TCP_NODELAY), so the limit is not the Nagle stall.
+    let client = skysnap::store::clickhouse::nodelay_client()
+        .with_url(&args.url)
+        .with_validation(false)
+        .with_database(&args.database);
+    if !args.keep {
+        client
+            .query(&format!("TRUNCATE TABLE {TABLE}"))
+            .execute()
+            .await
+            .context("TRUNCATE")?;
+    }
+
+    // Enough distinct rows that one round of concurrent INSERTs repeats none.
+    let per_segment = args.segment_snapshots as usize;
+    let segments = MIN_SEGMENTS.max((args.batch * args.concurrency).div_ceil(per_segment));
+    let pool = frame_pool(args.pool);
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let task_id = format!("raw-task-{run_id}");
+    let mut rows = Vec::with_capacity(segments * per_segment);
+    for segment in 0..segments {
+        let segment_id = format!("{run_id}.raw.{segment}");
+        rows.extend(
+            segment_snapshots(
+                &task_id,
+                &segment_id,
+                args.segment_snapshots,
+                args.depth,
+                &pool,
+                segment as u64 + 1,
+            )
+            .into_iter()
+            .map(Prepared::new),
+        );
+    }
+    let rows = Arc::new(rows);
+    let prepared_rows = rows.len();
+
+    let totals = Arc::new(Totals::default());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let stride = prepared_rows / args.concurrency;
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|worker| {
+            tokio::spawn(insert_loop(
+                client.clone(),
+                rows.clone(),
+                worker * stride,
+                args.batch,
+                deadline,
+                totals.clone(),
+            ))
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let (bytes_on_disk, rows_on_disk): (u64, u64) = client
+        .query(
+            "SELECT sum(bytes_on_disk), sum(rows) FROM system.parts \
+             WHERE database = ? AND table = ? AND active",
+        )
+        .bind(args.database.as_str())
+        .bind(TABLE)
+        .fetch_one()
+        .await
+        .context("reading system.parts")?;
+
+    let inserted = totals.rows.load(Ordering::Relaxed);
+    let inserts = totals.inserts.load(Ordering::Relaxed);
+    let encoded_bytes = totals.encoded_bytes.load(Ordering::Relaxed);
+    let frame_bytes = totals.frame_bytes.load(Ordering::Relaxed);
+    let rows_per_second = inserted as f64 / seconds;
+    let megabytes_per_second = encoded_bytes as f64 / seconds / 1_000_000.0;
+    let frame_text_megabytes_per_second = frame_bytes as f64 / seconds / 1_000_000.0;
+    let bytes_per_row = if rows_on_disk > 0 {
+        bytes_on_disk as f64 / rows_on_disk as f64
+    } else {
+        0.0
+    };
+
+    if args.json {
+        let report = serde_json::json!({
+            "server_version": version.to_string(),
+            "database": args.database,
+            "batch": args.batch,
+            "concurrency": args.concurrency,
+            "depth": args.depth,
+            "pool": args.pool,
+            "segment_snapshots": args.segment_snapshots,
+            "prepared_rows": prepared_rows,
+            "rows": inserted,
+            "inserts": inserts,
+            "seconds": seconds,
+            "rows_per_second": rows_per_second,
+            "megabytes_per_second": megabytes_per_second,
+            "frame_text_megabytes_per_second": frame_text_megabytes_per_second,
+            "encoded_bytes": encoded_bytes,
+            "frame_text_bytes": frame_bytes,
+            "bytes_on_disk": bytes_on_disk,
+            "rows_on_disk": rows_on_disk,
+            "bytes_per_row": bytes_per_row,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "raw_clickhouse: ClickHouse {version}, {}.{TABLE}, {} concurrent INSERTs of {} rows \
+             (depth {}, pool {}, {prepared_rows} distinct rows)",
+            args.database, args.concurrency, args.batch, args.depth, args.pool
+        );
+        println!("  rows inserted       {inserted} in {inserts} INSERTs over {seconds:.2} s");
+        println!("  rows/s              {rows_per_second:.0}");
+        println!("  MB/s (protobuf)     {megabytes_per_second:.2}");
+        println!("  MB/s (frame text)   {frame_text_megabytes_per_second:.2}");
+        println!("  bytes on disk       {bytes_on_disk} for {rows_on_disk} rows in active parts");
+        println!("  bytes/row on disk   {bytes_per_row:.1}");
+    }
+    Ok(())
+}

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
-use clickhouse::{Client, Compression, Row};
+use clickhouse::{Client, Compression};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use futures::StreamExt;
 use prost::Message;
-use serde::Serialize;
 
 use skysnap::actors::shard::{shard_for, BatchLimits, CloseReason, Flush, Ingest, SnapshotShard};
 use skysnap::actors::sink::kafka::encode;
@@ -25,7 +24,7 @@ use skysnap::grpc::profile::to_record;
 use skysnap::load::{frame_pool, segment_snapshots};
 use skysnap::model::SnapshotRecord;
 use skysnap::proto::v3::ThreadSnapshot;
-use skysnap::store::clickhouse::nodelay_client;
+use skysnap::store::clickhouse::{nodelay_client, SnapshotInsertRow};
 
 const STREAM: usize = 500;
 
@@ -102,17 +101,6 @@ fn bench_encoding(c: &mut Criterion) {
     group.finish();
 }
 
-/// Shaped like the ClickHouse store's `SnapshotInsertRow`: borrowed from the batch.
-#[derive(Row, Serialize)]
-struct SnapshotInsertRow<'a> {
-    task_id: &'a str,
-    segment_id: &'a str,
-    sequence: i32,
-    dump_time: i64,
-    time_bucket: i64,
-    stack: &'a [String],
-}
-
 /// What the loopback endpoint saw of the last INSERT.
 #[derive(Default)]
 struct EndpointStats {
@@ -151,17 +139,7 @@ async fn clickhouse_endpoint(stats: Arc<EndpointStats>) -> String {
 /// One shard batch as `ClickHouseStore::insert_snapshots` writes it: borrowed rows,
 /// `client.insert` (no round trip: validation is off), `write` per row, `end`.
 async fn insert_batch(client: &Client, batch: &[SnapshotRecord]) {
-    let rows: Vec<SnapshotInsertRow<'_>> = batch
-        .iter()
-        .map(|snapshot| SnapshotInsertRow {
-            task_id: &snapshot.task_id,
-            segment_id: &snapshot.segment_id,
-            sequence: snapshot.sequence,
-            dump_time: snapshot.dump_time,
-            time_bucket: snapshot.time_bucket(),
-            stack: &snapshot.stack,
-        })
-        .collect();
+    let rows: Vec<SnapshotInsertRow<'_>> = batch.iter().map(SnapshotInsertRow::from).collect();
     let mut insert = client
         .insert::<SnapshotInsertRow<'_>>("profile_thread_snapshot")
         .await

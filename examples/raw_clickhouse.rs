@@ -30,7 +30,7 @@ use skysnap::config::{ClickHouseConfig, PipelineConfig, RetentionConfig};
 use skysnap::load::{frame_pool, segment_snapshots};
 use skysnap::model::second_bucket;
 use skysnap::proto::v3::ThreadSnapshot;
-use skysnap::store::clickhouse::ClickHouseStore;
+use skysnap::store::clickhouse::{ClickHouseStore, SnapshotInsertRow as Row};
 
 const TABLE: &str = "profile_thread_snapshot";
 /// Segments generated before the run (at least; more when one round needs more rows).
@@ -71,18 +71,6 @@ struct Args {
     json: bool,
 }
 
-/// A snapshot row as inserted, borrowing from the pre-generated snapshots; the same
-/// columns, in the same order, as `profile_thread_snapshot`.
-#[derive(clickhouse::Row, serde::Serialize)]
-struct Row<'a> {
-    task_id: &'a str,
-    segment_id: &'a str,
-    sequence: i32,
-    dump_time: i64,
-    time_bucket: i64,
-    stack: &'a [String],
-}
-
 /// A pre-generated snapshot with what the run counts for it.
 struct Prepared {
     snapshot: ThreadSnapshot,
@@ -102,6 +90,7 @@ impl Prepared {
         }
     }
 
+    /// The row as inserted (the store's row type), borrowing from the snapshot.
     fn row(&self) -> Row<'_> {
         Row {
             task_id: &self.snapshot.task_id,

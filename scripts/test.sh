@@ -41,6 +41,10 @@ cargo test --locked
 step "criterion benches, short mode (each benchmark once; no timing asserted)"
 cargo test --locked --benches
 
+step "docs/PERFORMANCE.md is what benches/run.py renders from docs/perf/*.json"
+python3 benches/run.py --render-only
+git diff --exit-code -- docs/PERFORMANCE.md
+
 step "DDL on the current ClickHouse engine (chdb-core)"
 chdb_venv=.venv-chdb
 if ! "$chdb_venv/bin/python" -c 'import chdb, pytest' 2>/dev/null; then

@@ -433,6 +433,83 @@ mod tests {
         assert!(receipt.await.unwrap().is_err());
     }
 
+    /// Holds every write until the test opens the gate; counts writes running at once.
+    struct GatedSink {
+        gate: tokio::sync::Semaphore,
+        running: std::sync::atomic::AtomicUsize,
+        most_running: std::sync::atomic::AtomicUsize,
+        written: std::sync::atomic::AtomicUsize,
+    }
+
+    impl GatedSink {
+        fn closed() -> GatedSink {
+            GatedSink {
+                gate: tokio::sync::Semaphore::new(0),
+                running: Default::default(),
+                most_running: Default::default(),
+                written: Default::default(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl SnapshotSink for GatedSink {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let running = self.running.fetch_add(1, SeqCst) + 1;
+            self.most_running.fetch_max(running, SeqCst);
+            self.gate.acquire().await.expect("open gate").forget();
+            self.running.fetch_sub(1, SeqCst);
+            self.written.fetch_add(batch.len(), SeqCst);
+            Ok(())
+        }
+    }
+
+    #[actix::test]
+    async fn test_shard_commits_at_most_the_limit_at_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let sink = Arc::new(GatedSink::closed());
+        let sinks: Arc<[Arc<dyn SnapshotSink>]> =
+            Arc::from(vec![sink.clone() as Arc<dyn SnapshotSink>]);
+        let retry = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            budget: Duration::from_secs(10),
+        };
+        // One snapshot per batch: every Ingest closes a batch.
+        let shard = SnapshotShard::new(0, sinks, limits(1, usize::MAX, 60_000), retry, 8).start();
+        let mut receipts = Vec::new();
+        for sequence in 0..3 {
+            receipts.push(
+                shard
+                    .send(Ingest {
+                        records: vec![record(sequence)],
+                    })
+                    .await
+                    .unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The first two commit at once, the shard took the third and waits for a slot.
+        assert_eq!(sink.running.load(SeqCst), 2);
+        let flushed = shard.send(Flush {
+            reason: CloseReason::Drain,
+        });
+        sink.gate.add_permits(3);
+        flushed.await.unwrap().unwrap();
+        // The flush answered only after every earlier batch had committed.
+        assert_eq!(sink.written.load(SeqCst), 3);
+        for receipt in receipts {
+            receipt.await.unwrap().unwrap();
+        }
+        assert_eq!(sink.most_running.load(SeqCst), 2);
+    }
+
     #[test]
     fn test_shard_routing_is_stable_and_spread() {
         assert_eq!(

@@ -156,9 +156,13 @@ impl EncodedStacks {
             snapshots
                 .iter()
                 .map(|snapshot| {
-                    let stack = snapshot.stack.clone().unwrap_or_default();
                     let mut field = BytesMut::new();
-                    prost::encoding::message::encode(STACK_FIELD, &stack, &mut field);
+                    let stack = snapshot.stack.as_ref();
+                    prost::encoding::message::encode(
+                        STACK_FIELD,
+                        stack.unwrap_or(&ThreadStack::default()),
+                        &mut field,
+                    );
                     field.freeze()
                 })
                 .collect(),

@@ -17,7 +17,7 @@ use skysnap::proto::v3::{
 };
 use tonic::codegen::http::uri::PathAndQuery;
 
-use common::{eventually, snapshot, snapshot_rows, Server};
+use common::{eventually, snapshot, snapshot_rows, wait_for_commands, Server};
 
 fn query(service: &str, instance: &str, last_command_time: i64) -> ProfileTaskCommandQuery {
     ProfileTaskCommandQuery {
@@ -409,19 +409,7 @@ async fn test_task_created_on_other_replica_found_by_id() {
     let task_id = task["id"].as_str().unwrap();
     assert_eq!(second.get(&format!("/api/v1/tasks/{task_id}")).await.0, 200);
     let mut client = second.profile_client().await;
-    eventually(Duration::from_secs(5), || {
-        let mut client = client.clone();
-        async move {
-            let commands = client
-                .get_profile_task_commands(query("shop", "shop-9", -1))
-                .await
-                .unwrap()
-                .into_inner()
-                .commands;
-            (!commands.is_empty()).then_some(())
-        }
-    })
-    .await;
+    wait_for_commands(&client, "shop", "shop-9", Duration::from_secs(5)).await;
     client
         .report_task_finish(ProfileTaskFinishReport {
             service: "shop".into(),

@@ -9,7 +9,7 @@ use skysnap::proto::v3::{ProfileTaskCommandQuery, ProfileTaskFinishReport, Threa
 
 use common::{
     aged_segment, clickhouse, clickhouse_count, clickhouse_url, eventually, fresh_database,
-    snapshot, Server,
+    snapshot, wait_for_commands, Server,
 };
 
 fn clickhouse_env(database: &str) -> Vec<(&'static str, String)> {
@@ -230,23 +230,7 @@ async fn test_two_replicas_share_one_clickhouse() {
     let task_id = task["id"].as_str().unwrap().to_string();
     let mut on_second = second.profile_client().await;
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(5), || {
-        let mut client = on_second.clone();
-        async move {
-            let commands = client
-                .get_profile_task_commands(ProfileTaskCommandQuery {
-                    service: "shop".into(),
-                    service_instance: "shop-2".into(),
-                    last_command_time: -1,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .commands;
-            (!commands.is_empty()).then_some(())
-        }
-    })
-    .await;
+    wait_for_commands(&on_second, "shop", "shop-2", Duration::from_secs(5)).await;
     eprintln!(
         "task visible on the other replica after {:?}",
         started.elapsed()

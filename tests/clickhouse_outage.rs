@@ -5,10 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    clickhouse, clickhouse_url, fresh_database, service, spawn_stream_load, LoadOutcome, Server,
+    clickhouse, clickhouse_url, fresh_database, load_through_outage, LoadOutcome, Server,
 };
 
 #[tokio::test]
@@ -21,20 +21,20 @@ async fn test_clickhouse_outage_loses_nothing_acknowledged() {
         ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
         ("SKYSNAP_SINK_RETRY_BUDGET_MS", "4000"),
     ]);
-    let load_until = Instant::now() + Duration::from_secs(26);
-    let (outcome, workers) = spawn_stream_load(&server, "out", 8, 500, load_until).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let acknowledged_before = outcome.lock().unwrap().acknowledged.len();
-    service("clickhouse", "stop");
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    service("clickhouse", "start");
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let LoadOutcome {
-        acknowledged,
-        refused,
-    } = std::mem::take(&mut *outcome.lock().unwrap());
+    let (
+        acknowledged_before,
+        LoadOutcome {
+            acknowledged,
+            refused,
+        },
+    ) = load_through_outage(
+        &server,
+        "out",
+        Duration::from_secs(26),
+        "clickhouse",
+        Duration::from_secs(15),
+    )
+    .await;
     let counts_text = clickhouse(&format!(
         "SELECT segment_id, count() FROM {database}.profile_thread_snapshot FINAL GROUP BY segment_id FORMAT TSV"
     ))

@@ -5,11 +5,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{
-    fresh_topic, kafka_brokers, read_topic, service, spawn_stream_load, LoadOutcome, Server,
-};
+use common::{fresh_topic, kafka_brokers, load_through_outage, read_topic, LoadOutcome, Server};
 
 #[tokio::test]
 async fn test_kafka_broker_restart_loses_nothing_acknowledged() {
@@ -22,20 +20,20 @@ async fn test_kafka_broker_restart_loses_nothing_acknowledged() {
         ("SKYSNAP_KAFKA_MESSAGE_TIMEOUT_MS", "3000"),
         ("SKYSNAP_SINK_RETRY_BUDGET_MS", "4000"),
     ]);
-    let load_until = Instant::now() + Duration::from_secs(30);
-    let (outcome, workers) = spawn_stream_load(&server, "ko", 8, 500, load_until).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let acknowledged_before = outcome.lock().unwrap().acknowledged.len();
-    service("kafka", "stop");
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    service("kafka", "start");
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let LoadOutcome {
-        acknowledged,
-        refused,
-    } = std::mem::take(&mut *outcome.lock().unwrap());
+    let (
+        acknowledged_before,
+        LoadOutcome {
+            acknowledged,
+            refused,
+        },
+    ) = load_through_outage(
+        &server,
+        "ko",
+        Duration::from_secs(30),
+        "kafka",
+        Duration::from_secs(10),
+    )
+    .await;
 
     let mut stored: HashMap<String, HashSet<i32>> = HashMap::new();
     let messages = read_topic(&topic);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
-use skysnap::proto::v3::{ThreadSnapshot, ThreadStack};
+use skysnap::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
 use tonic::transport::Channel;
 
 /// The binary with none of the caller's `SKYSNAP_*` variables (the test command's own
@@ -641,6 +641,57 @@ pub fn service(name: &str, action: &str) {
         "{name}.sh {action}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Runs a stream load of 8 workers × 500 snapshots until `load_for` has passed, and
+/// stops the shared test server `service_name` for `down_for` from its third second on.
+/// Answers how many streams were acknowledged before the outage, and the whole outcome.
+pub async fn load_through_outage(
+    server: &Server,
+    prefix: &str,
+    load_for: Duration,
+    service_name: &str,
+    down_for: Duration,
+) -> (usize, LoadOutcome) {
+    let (outcome, workers) =
+        spawn_stream_load(server, prefix, 8, 500, Instant::now() + load_for).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let acknowledged_before = outcome.lock().unwrap().acknowledged.len();
+    service(service_name, "stop");
+    tokio::time::sleep(down_for).await;
+    service(service_name, "start");
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+    (acknowledged_before, outcome)
+}
+
+/// Polls `getProfileTaskCommands` for (service, instance) until it hands out a command.
+pub async fn wait_for_commands(
+    client: &ProfileTaskClient<Channel>,
+    service: &str,
+    instance: &str,
+    timeout: Duration,
+) {
+    eventually(timeout, || {
+        let mut client = client.clone();
+        let query = ProfileTaskCommandQuery {
+            service: service.to_string(),
+            service_instance: instance.to_string(),
+            last_command_time: -1,
+        };
+        async move {
+            let commands = client
+                .get_profile_task_commands(query)
+                .await
+                .unwrap()
+                .into_inner()
+                .commands;
+            (!commands.is_empty()).then_some(())
+        }
+    })
+    .await
 }
 
 /// Ten snapshots of one segment dumped `age_ms` before now, for retention tests.

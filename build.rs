@@ -1,5 +1,5 @@
-//! Generates the SkyWalking v3 protocol code from `proto/` with a pure-Rust protobuf
-//! compiler (protox), so a fresh machine needs no system `protoc`.
+//! Generates the SkyWalking v3 protocol code and pprof's profile format from `proto/`
+//! with a pure-Rust protobuf compiler (protox), so a fresh machine needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "profile/ProfileCompat.proto",
         "management/Management.proto",
         "discard/Discard.proto",
+        "pprof/profile.proto",
     ];
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()

@@ -46,6 +46,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
+    pub analysis: AnalysisConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,6 +381,26 @@ impl Default for ShutdownConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisConfig {
+    /// Most snapshots one stack-tree analysis reads (SkyWalking's
+    /// `maxThreadSnapshotAnalyzeSize`); past it the answer says so in its tip.
+    pub max_snapshots: usize,
+    /// Most nodes one flame graph holds; past it the rest of a stack is cut and counted
+    /// in the root's `truncated_samples`, so memory stays bounded.
+    pub max_flamegraph_nodes: usize,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            max_snapshots: 12_000,
+            max_flamegraph_nodes: 200_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads the file (when given), applies the process environment, and validates.
     pub fn load(path_opt: Option<&Path>) -> Result<Config, ConfigError> {
@@ -533,6 +554,12 @@ impl Config {
                 "kafka.brokers",
                 "pipeline.mode discard writes nowhere; leave kafka.brokers empty",
             );
+        }
+        if self.analysis.max_snapshots == 0 {
+            return invalid("analysis.max_snapshots", "must be greater than zero");
+        }
+        if self.analysis.max_flamegraph_nodes < 2 {
+            return invalid("analysis.max_flamegraph_nodes", "must be at least 2");
         }
         if self.kafka.topic.is_empty() {
             return invalid("kafka.topic", "must not be empty");

@@ -6,6 +6,7 @@
 //! serves people, `cli` is its client.
 
 pub mod actors;
+pub mod analysis;
 pub mod cli;
 pub mod config;
 pub mod consume;

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use skysnap::cli::task::{self, Client, NewTaskArgs};
+use skysnap::analysis::stack_tree::Analysis;
+use skysnap::cli::task::{self, Client, FlameFilterArgs, NewTaskArgs};
 use skysnap::config::Config;
 use skysnap::model::{Task, TaskLog};
 use skysnap::store::clickhouse::schema::{self, ServerVersion};
@@ -219,6 +221,60 @@ enum TaskCommand {
     Show { id: String },
     /// Show a task's NOTIFIED / EXECUTION_FINISHED logs.
     Logs { id: String },
+    /// SkyWalking's stack tree of a task's segments: snapshots, duration and self
+    /// duration per frame, hottest branch first.
+    Analyze {
+        id: String,
+        /// Analyse only this segment (repeatable); default every segment of the task.
+        #[arg(long)]
+        segment: Vec<String>,
+        /// Frames shown below each root before the rest is cut to "… N more".
+        #[arg(long, default_value_t = 30)]
+        depth: usize,
+    },
+    /// The hottest frames of a task by self and total snapshots, like `pprof -top`.
+    Top {
+        id: String,
+        /// How many frames to show.
+        #[arg(short = 'n', long = "count", default_value_t = 20)]
+        count: usize,
+        #[command(flatten)]
+        filter: FlameFilter,
+    },
+    /// Download a task's flame graph: folded stacks, gzipped pprof or the JSON tree.
+    Flamegraph {
+        id: String,
+        #[arg(long, default_value = "collapsed", value_parser = ["collapsed", "pprof", "json"])]
+        format: String,
+        /// File to write; `-` writes to standard output.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        #[command(flatten)]
+        filter: FlameFilter,
+    },
+}
+
+#[derive(Args)]
+struct FlameFilter {
+    /// Only this segment's snapshots.
+    #[arg(long)]
+    segment: Option<String>,
+    /// Earliest dump time, epoch milliseconds (with --end).
+    #[arg(long, requires = "end")]
+    start: Option<i64>,
+    /// Latest dump time, epoch milliseconds (with --start).
+    #[arg(long, requires = "start")]
+    end: Option<i64>,
+}
+
+impl FlameFilter {
+    fn args(self) -> FlameFilterArgs {
+        FlameFilterArgs {
+            segment_opt: self.segment,
+            start_opt: self.start,
+            end_opt: self.end,
+        }
+    }
 }
 
 fn init_logging() {
@@ -318,6 +374,53 @@ async fn run_task(args: TaskArgs) -> anyhow::Result<()> {
                     v,
                 )?))
             })?
+        }
+        TaskCommand::Analyze { id, segment, depth } => {
+            // An unknown task is a clear 404 rather than an empty analysis.
+            client.show(&id).await?;
+            let value = client.analyze(&id, &segment).await?;
+            render(&value, args.json, |v| {
+                Ok(task::analysis_text(
+                    &serde_json::from_value::<Analysis>(v)?,
+                    depth.max(1),
+                ))
+            })?
+        }
+        TaskCommand::Top { id, count, filter } => {
+            let folded = client.flamegraph(&id, "collapsed", &filter.args()).await?;
+            let text = String::from_utf8(folded).context("folded stacks are not UTF-8")?;
+            let tree = skysnap::analysis::folded::parse(&text, usize::MAX)
+                .map_err(|reason| anyhow::anyhow!("skysnap sent bad folded stacks: {reason}"))?;
+            let frames = skysnap::analysis::top::top_frames(&tree);
+            if args.json {
+                let shown: Vec<_> = frames.iter().take(count).collect();
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "total_samples": tree.total(),
+                    "frames": shown,
+                }))?
+            } else {
+                task::top_text(&frames, tree.total(), count)
+            }
+        }
+        TaskCommand::Flamegraph {
+            id,
+            format,
+            output,
+            filter,
+        } => {
+            let body = client.flamegraph(&id, &format, &filter.args()).await?;
+            if output.as_os_str() == "-" {
+                use std::io::Write as _;
+                std::io::stdout().write_all(&body)?;
+                return Ok(());
+            }
+            std::fs::write(&output, &body)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            format!(
+                "wrote {} bytes of {format} to {}",
+                body.len(),
+                output.display()
+            )
         }
     };
     println!("{output}");

@@ -10,6 +10,9 @@ include!(concat!(env!("OUT_DIR"), "/skywalking_protocol.rs"));
 
 pub use self::skywalking::v3;
 
+/// pprof's `profile.proto`, which the flame graph is exported as.
+pub use self::perftools::profiles as pprof;
+
 /// The package-less `ProfileTask` service (SkyWalking's `ProfileCompat.proto`).
 pub mod compat {
     pub use super::{profile_task_client, profile_task_server};

@@ -116,6 +116,7 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
         handles: pipeline.handles.clone(),
         admin_token: config.auth.admin_token.as_deref().map(Arc::<str>::from),
         max_snapshots_per_response: config.http.max_snapshots_per_response,
+        analysis: config.analysis.clone(),
     };
     let http_task = tokio::spawn(http::serve(http_listener, state, stopped(stop.clone())));
     let metrics_task = tokio::spawn(http::serve_metrics(

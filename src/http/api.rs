@@ -45,7 +45,7 @@ pub async fn list_tasks(
     Ok(Json(state.handles.store.list_tasks(&filter).await?))
 }
 
-async fn find_task(state: &AppState, id: &str) -> Result<Task, ApiError> {
+pub(super) async fn find_task(state: &AppState, id: &str) -> Result<Task, ApiError> {
     state
         .handles
         .by_id

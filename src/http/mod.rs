@@ -1,6 +1,7 @@
 //! The JSON API for people and scripts (SPEC §6), `/healthz`, `/readyz` and the
 //! Prometheus `/metrics` endpoint (served on its own port).
 
+pub mod analysis;
 pub mod api;
 pub mod error;
 
@@ -16,6 +17,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use crate::config::AnalysisConfig;
 use crate::grpc::constant_time_eq;
 use crate::pipeline::Handles;
 use error::ApiError;
@@ -25,6 +27,8 @@ pub struct AppState {
     pub handles: Handles,
     pub admin_token: Option<Arc<str>>,
     pub max_snapshots_per_response: usize,
+    /// Bounds of the analysis and flame-graph answers.
+    pub analysis: AnalysisConfig,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,6 +42,9 @@ pub fn router(state: AppState) -> Router {
             get(api::segment_snapshots),
         )
         .route("/services", get(api::services))
+        .route("/analysis", get(analysis::analysis))
+        .route("/tasks/{id}/flamegraph", get(analysis::task_flamegraph))
+        .route("/flamegraph/diff", get(analysis::flamegraph_diff))
         .fallback(api::not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

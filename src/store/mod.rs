@@ -5,6 +5,7 @@ pub mod clickhouse;
 pub mod sqlite;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 
 use crate::model::{SegmentSummary, SnapshotRecord, Task, TaskLog};
 
@@ -29,6 +30,25 @@ impl StoreError {
 pub struct TaskFilter {
     pub service: Option<String>,
     pub endpoint_name: Option<String>,
+}
+
+/// Which snapshots a read covers: those of a task, of a segment, or of a segment of a
+/// task, optionally within a dump-time range (both ends inclusive, as SkyWalking reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub task_id_opt: Option<String>,
+    pub segment_id_opt: Option<String>,
+    /// Earliest dump time, epoch milliseconds.
+    pub start_opt: Option<i64>,
+    /// Latest dump time, epoch milliseconds.
+    pub end_opt: Option<i64>,
+}
+
+/// A distinct stack and how many snapshots (each key once) have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackCount {
+    pub stack: Vec<String>,
+    pub count: u64,
 }
 
 #[async_trait]
@@ -68,6 +88,22 @@ pub trait Store: Send + Sync + 'static {
         segment_id: &str,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError>;
+
+    /// How many snapshots match (each key once).
+    async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError>;
+    /// Matching snapshots in (task, segment, sequence) order, at most `limit`.
+    async fn snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError>;
+    /// The distinct stacks of the matching snapshots with their counts, counted by the
+    /// store and streamed, so that no caller holds every row. A stack may come more than
+    /// once (its counts then add up); the order is unspecified.
+    fn stack_counts(
+        &self,
+        filter: &SnapshotFilter,
+    ) -> BoxStream<'static, Result<StackCount, StoreError>>;
 
     /// Removes records whose time bucket is older than `cutoff_ms`; answers how many
     /// rows went (0 where the store expires rows itself, e.g. ClickHouse TTL).

@@ -10,13 +10,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use super::{Store, StoreError, TaskFilter};
+use futures::stream::{BoxStream, StreamExt as _};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::model::{
     minute_bucket, second_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog,
 };
 
 /// Rows one retention statement deletes at most, so writers never wait long.
 const RETENTION_CHUNK_ROWS: i64 = 10_000;
+
+/// Distinct stacks a flame-graph scan counts in memory before it hands them on: the
+/// scan's memory stays bounded however many distinct stacks a task has.
+const STACK_COUNT_FLUSH_ENTRIES: usize = 20_000;
 
 /// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
 /// them and `json_each` can query them. Snapshot rows (~2 KB) live in a rowid table,
@@ -188,19 +195,106 @@ impl SqliteStore {
         let readers = self.readers.clone();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
-            // Take the first free reader from a rotating start; wait on one if all are busy.
-            let count = readers.len();
-            for offset in 0..count {
-                if let Ok(connection) = readers[(start + offset) % count].try_lock() {
-                    return work(&connection).map_err(|error| map_error(&error));
-                }
-            }
-            let connection = lock(&readers[start % count]);
-            work(&connection).map_err(|error| map_error(&error))
+            with_reader(&readers, start, |connection| {
+                work(connection).map_err(|error| map_error(&error))
+            })
         })
         .await
         .map_err(|error| StoreError::Unavailable(format!("sqlite reader thread failed: {error}")))?
     }
+}
+
+/// Runs `work` on the first free reader from a rotating start, or waits on one if all
+/// are busy.
+fn with_reader<T>(
+    readers: &[Mutex<Connection>],
+    start: usize,
+    work: impl FnOnce(&Connection) -> T,
+) -> T {
+    let count = readers.len();
+    for offset in 0..count {
+        if let Ok(connection) = readers[(start + offset) % count].try_lock() {
+            return work(&connection);
+        }
+    }
+    let connection = lock(&readers[start % count]);
+    work(&connection)
+}
+
+/// `WHERE …` for a snapshot filter, with its parameters. Built per filter rather than
+/// as one statement of `(?1 IS NULL OR …)` terms, which would keep SQLite from using
+/// the (task, segment, sequence) and (segment, sequence) indexes.
+fn snapshot_where(filter: &SnapshotFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut clauses = Vec::new();
+    let mut values = Vec::new();
+    if let Some(task_id) = &filter.task_id_opt {
+        clauses.push("task_id = ?");
+        values.push(Value::Text(task_id.clone()));
+    }
+    if let Some(segment_id) = &filter.segment_id_opt {
+        clauses.push("segment_id = ?");
+        values.push(Value::Text(segment_id.clone()));
+    }
+    if let Some(start) = filter.start_opt {
+        clauses.push("dump_time >= ?");
+        values.push(Value::Integer(start));
+    }
+    if let Some(end) = filter.end_opt {
+        clauses.push("dump_time <= ?");
+        values.push(Value::Integer(end));
+    }
+    if clauses.is_empty() {
+        return (String::new(), values);
+    }
+    (format!("WHERE {}", clauses.join(" AND ")), values)
+}
+
+fn parse_stack(stack_json: &str) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(stack_json).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+    })
+}
+
+/// Scans the matching rows once, counting equal stack texts in a bounded map that is
+/// handed to `sender` whenever it fills. Stops early when the receiver is gone.
+fn count_stacks(
+    connection: &Connection,
+    filter: &SnapshotFilter,
+    sender: &tokio::sync::mpsc::Sender<Result<StackCount, StoreError>>,
+) -> rusqlite::Result<()> {
+    let (where_sql, values) = snapshot_where(filter);
+    let mut statement = connection.prepare(&format!(
+        "SELECT stack FROM profile_thread_snapshot {where_sql}"
+    ))?;
+    let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
+    let mut counts: std::collections::HashMap<Box<str>, u64> = std::collections::HashMap::new();
+    let flush = |counts: &mut std::collections::HashMap<Box<str>, u64>| -> rusqlite::Result<bool> {
+        for (stack_json, count) in counts.drain() {
+            let stack = parse_stack(&stack_json)?;
+            if sender
+                .blocking_send(Ok(StackCount { stack, count }))
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    while let Some(row) = rows.next()? {
+        let stack_json = row.get_ref(0)?.as_str()?;
+        match counts.get_mut(stack_json) {
+            Some(count) => *count += 1,
+            None => {
+                if counts.len() >= STACK_COUNT_FLUSH_ENTRIES && !flush(&mut counts)? {
+                    return Ok(());
+                }
+                counts.insert(Box::from(stack_json), 1);
+            }
+        }
+    }
+    flush(&mut counts)?;
+    Ok(())
 }
 
 const TASK_COLUMNS: &str = "id, service, endpoint_name, start_time, duration, \
@@ -231,10 +325,7 @@ fn query_tasks(
 }
 
 fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
-    let stack_json: String = row.get(4)?;
-    let stack: Vec<String> = serde_json::from_str(&stack_json).map_err(|error| {
-        rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(error))
-    })?;
+    let stack = parse_stack(row.get_ref(4)?.as_str()?)?;
     Ok(SnapshotRecord {
         task_id: row.get(0)?,
         segment_id: row.get(1)?,
@@ -484,6 +575,62 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
+        let (where_sql, values) = snapshot_where(filter);
+        self.read(move |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT COUNT(*) FROM profile_thread_snapshot {where_sql}"
+                ))?
+                .query_row(rusqlite::params_from_iter(values.iter()), |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|count| count.max(0) as u64)
+        })
+        .await
+    }
+
+    async fn snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let (where_sql, mut values) = snapshot_where(filter);
+        values.push(rusqlite::types::Value::Integer(
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        ));
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT task_id, segment_id, sequence, dump_time, stack \
+                 FROM profile_thread_snapshot {where_sql} \
+                 ORDER BY task_id, segment_id, sequence LIMIT ?"
+            ))?;
+            let rows = statement
+                .query_map(rusqlite::params_from_iter(values.iter()), snapshot_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    fn stack_counts(
+        &self,
+        filter: &SnapshotFilter,
+    ) -> BoxStream<'static, Result<StackCount, StoreError>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let readers = self.readers.clone();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let filter = filter.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = with_reader(&readers, start, |connection| {
+                count_stacks(connection, &filter, &sender)
+            });
+            if let Err(error) = outcome {
+                let _ = sender.blocking_send(Err(map_error(&error)));
+            }
+        });
+        ReceiverStream::new(receiver).boxed()
     }
 
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {

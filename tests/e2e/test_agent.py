@@ -3,8 +3,13 @@
 See conftest.py for the process helpers and app.py for the instrumented app.
 """
 
+import os
 import threading
 import time
+import urllib.parse
+import uuid
+
+import pytest
 
 from conftest import now_ms, unique, wait_for
 
@@ -31,9 +36,30 @@ def _instances_of(services, service):
     return []
 
 
-def test_agent_profiles_slow_endpoint(e2e):
+def _store_env(store):
+    """skysnap's environment for the store: SQLite (default) or the test ClickHouse."""
+    if store == 'sqlite':
+        return {}
+    url = os.environ.get('SKYSNAP_TEST_CLICKHOUSE_URL')
+    if not url:
+        pytest.skip('SKYSNAP_TEST_CLICKHOUSE_URL is not set (scripts/test.sh starts ClickHouse and sets it)')
+    return {'SKYSNAP_STORE_KIND': 'clickhouse', 'SKYSNAP_CLICKHOUSE_URL': url,
+            'SKYSNAP_CLICKHOUSE_DATABASE': f'e2e_{uuid.uuid4().hex[:12]}'}
+
+
+def _flame_nodes(root):
+    """Every node of a flame-graph tree, without recursion."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        yield node
+        pending.extend(node['children'])
+
+
+@pytest.mark.parametrize('store', ['sqlite', 'clickhouse'])
+def test_agent_profiles_slow_endpoint(e2e, store):
     t0 = time.monotonic()
-    sk = e2e.skysnap()
+    sk = e2e.skysnap(_store_env(store))
     service, instance = unique('e2e'), unique('inst')
 
     before = now_ms()
@@ -103,6 +129,24 @@ def test_agent_profiles_slow_endpoint(e2e):
           f'{SLOW_FUNC}; seq {seqs[0]}..{seqs[-1]}; span {times[-1] - times[0]} ms; '
           f'sample stack: {snaps[len(snaps) // 2]["stack"][:6]}')
     assert len(with_func) >= 5, [s['stack'] for s in snaps[:3]]
+
+    # SkyWalking's stack tree of the segment and the task's flame graph hold the hot
+    # function, with snapshots and time.
+    seg_q = urllib.parse.quote(seg['segment_id'], safe='')
+    analysis = sk.api('GET', f'/api/v1/analysis?segment={seg_q}')
+    assert analysis['tip'] is None, analysis['tip']
+    hot = [e for tree in analysis['trees'] for e in tree['elements'] if SLOW_FUNC in e['code_signature']]
+    assert hot and hot[0]['count'] >= 5 and hot[0]['duration'] > 0, hot
+    print(f'[e2e] analysis: {len(analysis["trees"])} tree(s); {hot[0]["code_signature"]!r} '
+          f'count={hot[0]["count"]} duration={hot[0]["duration"]} ms '
+          f'self={hot[0]["duration_child_excluded"]} ms')
+    flame = sk.api('GET', f'/api/v1/tasks/{tid}/flamegraph')
+    assert flame['value'] >= len(snaps), (flame['value'], len(snaps))
+    hot_nodes = [n for n in _flame_nodes(flame) if SLOW_FUNC in n['name']]
+    assert hot_nodes and sum(n['value'] for n in hot_nodes) >= len(with_func), hot_nodes[:1]
+    assert all(n['wall_ms'] == n['value'] * 20 for n in hot_nodes), hot_nodes[:1]
+    print(f'[e2e] flame graph: {flame["value"]} snapshots, {sum(n["value"] for n in hot_nodes)} in '
+          f'{SLOW_FUNC}, {sum(n["wall_ms"] for n in hot_nodes)} ms sampled')
 
     # 6. The agent reports reportTaskFinish Duration*60s after the task started.
     deadline_s = (task['start_time'] + 90_000 - now_ms()) / 1000

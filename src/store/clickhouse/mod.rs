@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, TaskFilter};
+use futures::stream::{BoxStream, StreamExt as _};
+
+use super::{SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::config::ClickHouseConfig;
 use crate::model::{minute_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
 use schema::ServerVersion;
@@ -136,6 +138,57 @@ struct SegmentRow {
     snapshot_count: u64,
     first_dump_time: i64,
     last_dump_time: i64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct StackCountRow {
+    stack: Vec<String>,
+    count: u64,
+}
+
+/// A value bound to a `?` of a snapshot filter.
+enum FilterValue {
+    Text(String),
+    Number(i64),
+}
+
+/// `WHERE …` for a snapshot filter and the values for its `?`s, in order.
+fn snapshot_where(filter: &SnapshotFilter) -> (String, Vec<FilterValue>) {
+    let mut clauses = Vec::new();
+    let mut values = Vec::new();
+    if let Some(task_id) = &filter.task_id_opt {
+        clauses.push("task_id = ?");
+        values.push(FilterValue::Text(task_id.clone()));
+    }
+    if let Some(segment_id) = &filter.segment_id_opt {
+        clauses.push("segment_id = ?");
+        values.push(FilterValue::Text(segment_id.clone()));
+    }
+    if let Some(start) = filter.start_opt {
+        clauses.push("dump_time >= ?");
+        values.push(FilterValue::Number(start));
+    }
+    if let Some(end) = filter.end_opt {
+        clauses.push("dump_time <= ?");
+        values.push(FilterValue::Number(end));
+    }
+    if clauses.is_empty() {
+        return (String::new(), values);
+    }
+    (format!("WHERE {}", clauses.join(" AND ")), values)
+}
+
+fn bind_filter(
+    mut query: clickhouse::query::Query,
+    values: &[FilterValue],
+) -> clickhouse::query::Query {
+    for value in values {
+        query = match value {
+            FilterValue::Text(text) => query.bind(text),
+            FilterValue::Number(number) => query.bind(number),
+        };
+    }
+    query
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -430,6 +483,86 @@ impl Store for ClickHouseStore {
                 stack: row.stack,
             })
             .collect())
+    }
+
+    async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
+        let (where_sql, values) = snapshot_where(filter);
+        bind_filter(
+            self.client.query(&format!(
+                "SELECT uniqExact(task_id, segment_id, sequence) \
+                 FROM profile_thread_snapshot {where_sql}"
+            )),
+            &values,
+        )
+        .fetch_one::<u64>()
+        .await
+        .map_err(map_error)
+    }
+
+    async fn snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        limit: usize,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let (where_sql, values) = snapshot_where(filter);
+        let rows = bind_filter(
+            self.client.query(&format!(
+                "SELECT ?fields FROM profile_thread_snapshot FINAL {where_sql} \
+                 ORDER BY task_id, segment_id, sequence LIMIT {limit}"
+            )),
+            &values,
+        )
+        .fetch_all::<SnapshotRow>()
+        .await
+        .map_err(map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| SnapshotRecord {
+                task_id: row.task_id,
+                segment_id: row.segment_id,
+                sequence: row.sequence,
+                dump_time: row.dump_time,
+                stack: row.stack,
+            })
+            .collect())
+    }
+
+    fn stack_counts(
+        &self,
+        filter: &SnapshotFilter,
+    ) -> BoxStream<'static, Result<StackCount, StoreError>> {
+        // Each key once (a re-sent snapshot not yet merged away), then one row per
+        // distinct stack: ClickHouse does the counting, skysnap reads the distinct stacks.
+        let (where_sql, values) = snapshot_where(filter);
+        let cursor = bind_filter(
+            self.client.query(&format!(
+                "SELECT stack, count() AS count FROM \
+                 (SELECT stack FROM profile_thread_snapshot {where_sql} \
+                  LIMIT 1 BY task_id, segment_id, sequence) \
+                 GROUP BY stack"
+            )),
+            &values,
+        )
+        .fetch::<StackCountRow>();
+        let cursor = match cursor {
+            Ok(cursor) => cursor,
+            Err(error) => {
+                return futures::stream::once(async move { Err(map_error(error)) }).boxed()
+            }
+        };
+        futures::stream::try_unfold(cursor, |mut cursor| async move {
+            match cursor.next().await.map_err(map_error)? {
+                Some(row) => Ok(Some((
+                    StackCount {
+                        stack: row.stack,
+                        count: row.count,
+                    },
+                    cursor,
+                ))),
+                None => Ok(None),
+            }
+        })
+        .boxed()
     }
 
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {

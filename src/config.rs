@@ -390,6 +390,9 @@ pub struct AnalysisConfig {
     /// Most nodes one flame graph holds; past it the rest of a stack is cut and counted
     /// in the root's `truncated_samples`, so memory stays bounded.
     pub max_flamegraph_nodes: usize,
+    /// Analysis, flame-graph and diff answers computed at once; more wait up to 10 s,
+    /// then get 503. Bounds the CPU, memory and blocking threads they take together.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for AnalysisConfig {
@@ -397,6 +400,7 @@ impl Default for AnalysisConfig {
         AnalysisConfig {
             max_snapshots: 12_000,
             max_flamegraph_nodes: 200_000,
+            max_concurrent_requests: 4,
         }
     }
 }
@@ -557,6 +561,12 @@ impl Config {
         }
         if self.analysis.max_snapshots == 0 {
             return invalid("analysis.max_snapshots", "must be greater than zero");
+        }
+        if self.analysis.max_concurrent_requests == 0 {
+            return invalid(
+                "analysis.max_concurrent_requests",
+                "must be greater than zero",
+            );
         }
         if self.analysis.max_flamegraph_nodes < 2 {
             return invalid("analysis.max_flamegraph_nodes", "must be at least 2");

@@ -376,8 +376,21 @@ async fn run_task(args: TaskArgs) -> anyhow::Result<()> {
             })?
         }
         TaskCommand::Analyze { id, segment, depth } => {
-            // An unknown task is a clear 404 rather than an empty analysis.
+            // An unknown task is a clear 404 rather than an empty analysis, and a segment
+            // must be one of the task's.
             client.show(&id).await?;
+            if !segment.is_empty() {
+                let segments = client.segments(&id).await?;
+                let known: Vec<&str> = segments
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.get("segment_id").and_then(Value::as_str))
+                    .collect();
+                if let Some(unknown) = segment.iter().find(|s| !known.contains(&s.as_str())) {
+                    anyhow::bail!("segment {unknown} is not a profiled segment of task {id}");
+                }
+            }
             let value = client.analyze(&id, &segment).await?;
             render(&value, args.json, |v| {
                 Ok(task::analysis_text(
@@ -416,11 +429,19 @@ async fn run_task(args: TaskArgs) -> anyhow::Result<()> {
             }
             std::fs::write(&output, &body)
                 .with_context(|| format!("cannot write {}", output.display()))?;
-            format!(
-                "wrote {} bytes of {format} to {}",
-                body.len(),
-                output.display()
-            )
+            if args.json {
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "file": output.display().to_string(),
+                    "format": format,
+                    "bytes": body.len(),
+                }))?
+            } else {
+                format!(
+                    "wrote {} bytes of {format} to {}",
+                    body.len(),
+                    output.display()
+                )
+            }
         }
     };
     println!("{output}");

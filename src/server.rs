@@ -117,6 +117,9 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
         admin_token: config.auth.admin_token.as_deref().map(Arc::<str>::from),
         max_snapshots_per_response: config.http.max_snapshots_per_response,
         analysis: config.analysis.clone(),
+        analysis_permits: Arc::new(tokio::sync::Semaphore::new(
+            config.analysis.max_concurrent_requests,
+        )),
     };
     let http_task = tokio::spawn(http::serve(http_listener, state, stopped(stop.clone())));
     let metrics_task = tokio::spawn(http::serve_metrics(

@@ -48,7 +48,8 @@ fn snapshot(task: &str, segment: &str, sequence: i32, time: i64, stack: &[&str])
     }
 }
 
-/// s1: 0,1,2 then a gap, 4,5 (10 ms apart); s2: 0,1,2 four seconds later; sent
+/// s1: 0,1,2 then a gap, 4,5 (10 ms apart); s2: 6,7,8 four seconds later (so a run
+/// must not continue from one segment into the next); sent
 /// interleaved with s1's sequence 1 twice. s3: 12,001 snapshots of one stack.
 async fn load_fixture(server: &Server) -> Fixture {
     let task = server.create_task("shop", "/orders").await["id"]
@@ -65,17 +66,17 @@ async fn load_fixture(server: &Server) -> Fixture {
         format!("s2-{task}"),
         format!("s3-{big_task}"),
     );
-    let t = task.as_str();
+    let task_id = task.as_str();
     let messages = vec![
-        snapshot(t, &s2, 0, base + 4000, &[MAIN, LIST, QUERY]),
-        snapshot(t, &s1, 0, base, &[MAIN, LIST, QUERY]),
-        snapshot(t, &s1, 1, base + 10, &[MAIN, LIST, QUERY]),
-        snapshot(t, &s2, 1, base + 4010, &[RUN, POLL]),
-        snapshot(t, &s1, 2, base + 20, &[MAIN, SAVE, QUERY]),
-        snapshot(t, &s1, 4, base + 40, &[MAIN, LIST]),
-        snapshot(t, &s1, 1, base + 10, &[MAIN, LIST, QUERY]),
-        snapshot(t, &s1, 5, base + 50, &[MAIN, LIST, CACHE]),
-        snapshot(t, &s2, 2, base + 4020, &[MAIN, SAVE]),
+        snapshot(task_id, &s2, 6, base + 4000, &[MAIN, LIST, QUERY]),
+        snapshot(task_id, &s1, 0, base, &[MAIN, LIST, QUERY]),
+        snapshot(task_id, &s1, 1, base + 10, &[MAIN, LIST, QUERY]),
+        snapshot(task_id, &s2, 7, base + 4010, &[RUN, POLL]),
+        snapshot(task_id, &s1, 2, base + 20, &[MAIN, SAVE, QUERY]),
+        snapshot(task_id, &s1, 4, base + 40, &[MAIN, LIST]),
+        snapshot(task_id, &s1, 1, base + 10, &[MAIN, LIST, QUERY]),
+        snapshot(task_id, &s1, 5, base + 50, &[MAIN, LIST, CACHE]),
+        snapshot(task_id, &s2, 8, base + 4020, &[MAIN, SAVE]),
     ];
     let mut client = server.profile_client().await;
     client
@@ -119,6 +120,27 @@ fn element(
            "duration": duration, "duration_child_excluded": excluded})
 }
 
+/// A diff node; shares of 1 and 0 are written as integers, as the API writes them.
+fn diff_node(
+    name: &str,
+    base: u64,
+    target: u64,
+    base_share: f64,
+    target_share: f64,
+    delta: f64,
+    children: Vec<Value>,
+) -> Value {
+    let number = |share: f64| {
+        if share.fract() == 0.0 {
+            json!(share as i64)
+        } else {
+            json!(share)
+        }
+    };
+    json!({"name": name, "base": base, "target": target, "base_share": number(base_share),
+           "target_share": number(target_share), "delta": number(delta), "children": children})
+}
+
 fn node(name: &str, value: u64, self_samples: u64, children: Vec<Value>) -> Value {
     json!({"name": name, "value": value, "self": self_samples, "wall_ms": value * 20, "children": children})
 }
@@ -131,10 +153,11 @@ async fn get_text(server: &Server, path: &str) -> (u16, Vec<u8>) {
     (status, response.bytes().await.unwrap().to_vec())
 }
 
-async fn check_analysis(server: &Server, f: &Fixture) {
-    // s1 + s2. main: s1 runs 0-2 (20 ms) and 4-5 (10 ms), s2 0 and 2 alone → 30.
-    // list: s1 0-1 (10), 4-5 (10), s2 0 → 20; save: s1 2, s2 2 → 0.
-    // list/query: s1 0-1 (10), s2 0 → 10; list/cache 0; save/query 0.
+async fn check_analysis(server: &Server, fixture: &Fixture) {
+    // s1 + s2. main: s1 runs 0-2 (20 ms) and 4-5 (10 ms), s2 6 and 8 alone → 30
+    // (s2's 6 does not continue s1's 4-5: runs are per segment).
+    // list: s1 0-1 (10), 4-5 (10), s2 6 → 20; save: s1 2, s2 8 → 0.
+    // list/query: s1 0-1 (10), s2 6 → 10; list/cache 0; save/query 0.
     let expected_main = json!({"elements": [
         element(1, 0, MAIN, 7, 30, 10),
         element(2, 1, LIST, 5, 20, 10),
@@ -148,7 +171,7 @@ async fn check_analysis(server: &Server, f: &Fixture) {
     let (status, body) = server
         .get(&format!(
             "/api/v1/analysis?segment={}&segment={}",
-            f.s1, f.s2
+            fixture.s1, fixture.s2
         ))
         .await;
     assert_eq!(status, 200, "{body}");
@@ -159,7 +182,7 @@ async fn check_analysis(server: &Server, f: &Fixture) {
 
     // The whole task reads the same two segments.
     let (status, by_task) = server
-        .get(&format!("/api/v1/analysis?task={}", f.task))
+        .get(&format!("/api/v1/analysis?task={}", fixture.task))
         .await;
     assert_eq!(status, 200);
     assert_eq!(by_task, body);
@@ -168,9 +191,9 @@ async fn check_analysis(server: &Server, f: &Fixture) {
     let (status, ranged) = server
         .get(&format!(
             "/api/v1/analysis?segment={}&start={}&end={}",
-            f.s1,
-            f.base + 10,
-            f.base + 40
+            fixture.s1,
+            fixture.base + 10,
+            fixture.base + 40
         ))
         .await;
     assert_eq!(status, 200);
@@ -187,7 +210,7 @@ async fn check_analysis(server: &Server, f: &Fixture) {
 
     // 12,001 snapshots: the first 12,000 (sequences 0..11999, 10 ms apart) → 119,990 ms.
     let (status, big) = server
-        .get(&format!("/api/v1/analysis?segment={}", f.s3))
+        .get(&format!("/api/v1/analysis?segment={}", fixture.s3))
         .await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -200,7 +223,10 @@ async fn check_analysis(server: &Server, f: &Fixture) {
 
     // A known segment with an empty range, and an unknown segment.
     let (status, empty) = server
-        .get(&format!("/api/v1/analysis?segment={}&start=1&end=2", f.s1))
+        .get(&format!(
+            "/api/v1/analysis?segment={}&start=1&end=2",
+            fixture.s1
+        ))
         .await;
     assert_eq!(status, 200);
     assert_eq!(empty, json!({"trees": [], "tip": "Data not found"}));
@@ -215,11 +241,11 @@ async fn check_analysis(server: &Server, f: &Fixture) {
     );
 }
 
-async fn check_flamegraph(server: &Server, f: &Fixture) {
+async fn check_flamegraph(server: &Server, fixture: &Fixture) {
     // Eight snapshots (the re-sent one once): main;list;query ×3, main;save;query,
     // main;list, main;list;cache, run;poll, main;save.
     let (status, tree) = server
-        .get(&format!("/api/v1/tasks/{}/flamegraph", f.task))
+        .get(&format!("/api/v1/tasks/{}/flamegraph", fixture.task))
         .await;
     assert_eq!(status, 200, "{tree}");
     let mut expected = node(
@@ -250,7 +276,7 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
 
     let (status, folded) = get_text(
         server,
-        &format!("/api/v1/tasks/{}/flamegraph?format=collapsed", f.task),
+        &format!("/api/v1/tasks/{}/flamegraph?format=collapsed", fixture.task),
     )
     .await;
     assert_eq!(status, 200);
@@ -266,16 +292,16 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
     let (_, s2_only) = server
         .get(&format!(
             "/api/v1/tasks/{}/flamegraph?segment={}",
-            f.task, f.s2
+            fixture.task, fixture.s2
         ))
         .await;
     assert_eq!(s2_only["value"], 3);
     let (_, ranged) = server
         .get(&format!(
             "/api/v1/tasks/{}/flamegraph?start={}&end={}",
-            f.task,
-            f.base + 10,
-            f.base + 40
+            fixture.task,
+            fixture.base + 10,
+            fixture.base + 40
         ))
         .await;
     assert_eq!(ranged["value"], 3);
@@ -285,7 +311,7 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
     // pprof, decoded here and read by `go tool pprof`.
     let (status, gzipped) = get_text(
         server,
-        &format!("/api/v1/tasks/{}/flamegraph?format=pprof", f.task),
+        &format!("/api/v1/tasks/{}/flamegraph?format=pprof", fixture.task),
     )
     .await;
     assert_eq!(status, 200);
@@ -295,6 +321,24 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
         .expect("pprof is gzipped");
     let profile = pprof::Profile::decode(bytes.as_slice()).expect("pprof decodes");
     let text = |index: i64| profile.string_table[index as usize].clone();
+    assert_eq!(profile.string_table[0], "");
+    assert_eq!(
+        profile
+            .sample_type
+            .iter()
+            .map(|value_type| (text(value_type.r#type), text(value_type.unit)))
+            .collect::<Vec<_>>(),
+        [
+            ("samples".to_string(), "count".to_string()),
+            ("wall".to_string(), "nanoseconds".to_string())
+        ]
+    );
+    assert_eq!(text(profile.default_sample_type), "wall");
+    let period_type = profile.period_type.as_ref().unwrap();
+    assert_eq!(
+        (text(period_type.r#type), text(period_type.unit)),
+        ("wall".into(), "nanoseconds".into())
+    );
     assert_eq!(profile.period, 20_000_000);
     let samples: u64 = profile.sample.iter().map(|s| s.value[0] as u64).sum();
     assert_eq!(samples, 8);
@@ -305,6 +349,22 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
         .filter(|function| text(function.name) == "com.shop.Db.query")
         .collect();
     assert_eq!(query_functions.len(), 1);
+    let query_locations: Vec<u64> = profile
+        .location
+        .iter()
+        .filter(|location| location.line[0].function_id == query_functions[0].id)
+        .map(|location| location.id)
+        .collect();
+    assert_eq!(query_locations.len(), 1);
+    let samples_through_query = profile
+        .sample
+        .iter()
+        .filter(|sample| sample.location_id[0] == query_locations[0])
+        .count();
+    assert_eq!(
+        samples_through_query, 2,
+        "the location is shared by both stacks"
+    );
     let leaf_counts: Vec<(String, i64, i64)> = profile
         .sample
         .iter()
@@ -348,61 +408,43 @@ async fn check_flamegraph(server: &Server, f: &Fixture) {
     );
 }
 
-async fn check_diff(server: &Server, f: &Fixture) {
+async fn check_diff(server: &Server, fixture: &Fixture) {
     // s1: main 5 (list 4, save 1); s2: main 2 (list 1, save 1) and run 1.
     let (status, diff) = server
         .get(&format!(
-            "/api/v1/flamegraph/diff?base={t}&base_segment={}&target={t}&target_segment={}",
-            f.s1,
-            f.s2,
-            t = f.task
+            "/api/v1/flamegraph/diff?base={task}&base_segment={}&target={task}&target_segment={}",
+            fixture.s1,
+            fixture.s2,
+            task = fixture.task
         ))
         .await;
     assert_eq!(status, 200, "{diff}");
+    // Shares of 5 (s1) and 3 (s2), rounded to six places; delta = target − base.
     assert_eq!(
-        (diff["base_total"].as_u64(), diff["target_total"].as_u64()),
-        (Some(5), Some(3))
+        diff,
+        json!({"base_total": 5, "target_total": 3, "tip": null, "tree":
+            diff_node("all", 5, 3, 1.0, 1.0, 0.0, vec![
+                diff_node(MAIN, 5, 2, 1.0, 0.666667, -0.333333, vec![
+                    diff_node(LIST, 4, 1, 0.8, 0.333333, -0.466667, vec![
+                        diff_node(QUERY, 2, 1, 0.4, 0.333333, -0.066667, vec![]),
+                        diff_node(CACHE, 1, 0, 0.2, 0.0, -0.2, vec![]),
+                    ]),
+                    diff_node(SAVE, 1, 1, 0.2, 0.333333, 0.133333, vec![
+                        diff_node(QUERY, 1, 0, 0.2, 0.0, -0.2, vec![]),
+                    ]),
+                ]),
+                diff_node(RUN, 0, 1, 0.0, 0.333333, 0.333333, vec![
+                    diff_node(POLL, 0, 1, 0.0, 0.333333, 0.333333, vec![]),
+                ]),
+            ])
+        })
     );
-    assert_eq!(diff["tip"], Value::Null);
-    let main = &diff["tree"]["children"][0];
-    assert_eq!(
-        (
-            main["name"].as_str(),
-            main["base"].as_u64(),
-            main["target"].as_u64()
-        ),
-        (Some(MAIN), Some(5), Some(2))
-    );
-    assert_eq!(main["base_share"], 1);
-    assert!(
-        (main["target_share"].as_f64().unwrap() - 0.666667).abs() < 1e-9,
-        "{main}"
-    );
-    let run = &diff["tree"]["children"][1];
-    assert_eq!(
-        (
-            run["name"].as_str(),
-            run["base"].as_u64(),
-            run["target"].as_u64()
-        ),
-        (Some(RUN), Some(0), Some(1))
-    );
-    let list = &main["children"][0];
-    assert_eq!(
-        (
-            list["name"].as_str(),
-            list["base"].as_u64(),
-            list["target"].as_u64()
-        ),
-        (Some(LIST), Some(4), Some(1))
-    );
-    assert_eq!(list["base_share"], 0.8);
 
     // Both sides empty: a result that says so, not an error.
     let (status, empty) = server
         .get(&format!(
-            "/api/v1/flamegraph/diff?base={t}&base_start=1&base_end=2&target={t}&target_start=1&target_end=2",
-            t = f.task
+            "/api/v1/flamegraph/diff?base={task}&base_start=1&base_end=2&target={task}&target_start=1&target_end=2",
+            task = fixture.task
         ))
         .await;
     assert_eq!(status, 200);
@@ -412,7 +454,7 @@ async fn check_diff(server: &Server, f: &Fixture) {
     let (status, two) = server
         .get(&format!(
             "/api/v1/flamegraph/diff?base={}&target={}",
-            f.task, f.big_task
+            fixture.task, fixture.big_task
         ))
         .await;
     assert_eq!(status, 200);
@@ -422,7 +464,7 @@ async fn check_diff(server: &Server, f: &Fixture) {
     );
 }
 
-async fn check_bad_input(server: &Server, f: &Fixture) {
+async fn check_bad_input(server: &Server, fixture: &Fixture) {
     let cases = [
         (
             "/api/v1/tasks/no-such-task/flamegraph".to_string(),
@@ -430,38 +472,80 @@ async fn check_bad_input(server: &Server, f: &Fixture) {
             "no-such-task",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?format=svg", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?format=svg", fixture.task),
             400,
             "format:",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?start=1", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?start=1", fixture.task),
             400,
             "end: missing",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?start=9&end=1", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?start=9&end=1", fixture.task),
             400,
             "end: 1 is before start 9",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?start=x&end=1", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?start=x&end=1", fixture.task),
             400,
             "start: \"x\"",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?instance=i", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?instance=i", fixture.task),
             400,
             "instance:",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?depth=3", f.task),
+            format!("/api/v1/tasks/{}/flamegraph?depth=3", fixture.task),
             400,
             "depth: unknown parameter",
         ),
         ("/api/v1/analysis".to_string(), 400, "segment:"),
         (
-            format!("/api/v1/analysis?segment={}&start=5", f.s1),
+            format!("/api/v1/analysis?segment={}&start=9&end=1", fixture.s1),
+            400,
+            "end: 1 is before start 9",
+        ),
+        (
+            format!("/api/v1/analysis?segment={s}&segment={s}", s = fixture.s1),
+            400,
+            "given twice",
+        ),
+        (
+            format!(
+                "/api/v1/tasks/{}/flamegraph?format=json&format=pprof",
+                fixture.task
+            ),
+            400,
+            "format: given twice",
+        ),
+        (
+            format!(
+                "/api/v1/tasks/{}/flamegraph?segment=no-such-segment",
+                fixture.task
+            ),
+            404,
+            "no-such-segment",
+        ),
+        (
+            format!(
+                "/api/v1/tasks/{}/flamegraph?segment={}",
+                fixture.task, fixture.s3
+            ),
+            404,
+            fixture.s3.as_str(),
+        ),
+        (
+            format!(
+                "/api/v1/flamegraph/diff?base={task}&target={task}&target_segment=gone",
+                task = fixture.task
+            ),
+            404,
+            "gone",
+        ),
+        (
+            format!("/api/v1/analysis?segment={}&start=5", fixture.s1),
             400,
             "end: missing",
         ),
@@ -476,19 +560,19 @@ async fn check_bad_input(server: &Server, f: &Fixture) {
             "no-such-task",
         ),
         (
-            format!("/api/v1/flamegraph/diff?base={}", f.task),
+            format!("/api/v1/flamegraph/diff?base={}", fixture.task),
             400,
             "target:",
         ),
         (
-            format!("/api/v1/flamegraph/diff?base={}&target=nope", f.task),
+            format!("/api/v1/flamegraph/diff?base={}&target=nope", fixture.task),
             404,
             "nope",
         ),
         (
             format!(
-                "/api/v1/flamegraph/diff?base={t}&target={t}&target_end=3",
-                t = f.task
+                "/api/v1/flamegraph/diff?base={task}&target={task}&target_end=3",
+                task = fixture.task
             ),
             400,
             "target_start: missing",
@@ -516,8 +600,8 @@ fn cli(server: &Server, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn check_cli(server: &Server, f: &Fixture) {
-    let (ok, out, err) = cli(server, &["analyze", &f.task, "--depth", "2"]);
+async fn check_cli(server: &Server, fixture: &Fixture) {
+    let (ok, out, err) = cli(server, &["analyze", &fixture.task, "--depth", "2"]);
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], " SAMPLES    DURATION        SELF  FRAME", "{out}");
@@ -537,7 +621,7 @@ fn check_cli(server: &Server, f: &Fixture) {
         "{out}"
     );
 
-    let (ok, out, err) = cli(server, &["top", &f.task, "-n", "2"]);
+    let (ok, out, err) = cli(server, &["top", &fixture.task, "-n", "2"]);
     assert!(ok, "{err}");
     assert_eq!(
         out,
@@ -556,7 +640,7 @@ fn check_cli(server: &Server, f: &Fixture) {
             server,
             &[
                 "flamegraph",
-                &f.task,
+                &fixture.task,
                 "--format",
                 format,
                 "-o",
@@ -565,8 +649,24 @@ fn check_cli(server: &Server, f: &Fixture) {
         );
         assert!(ok, "{err}");
         assert!(out.starts_with("wrote "), "{out}");
-        assert!(std::fs::metadata(&path).unwrap().len() > 20);
+        let (status, from_api) = get_text(
+            server,
+            &format!("/api/v1/tasks/{}/flamegraph?format={format}", fixture.task),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            from_api,
+            "{format} file is the API's answer"
+        );
     }
+    let (ok, _, err) = cli(
+        server,
+        &["analyze", &fixture.task, "--segment", &fixture.s3],
+    );
+    assert!(!ok);
+    assert!(err.contains("is not a profiled segment of task"), "{err}");
 
     let (ok, _, err) = cli(server, &["analyze", "no-such-task"]);
     assert!(!ok);
@@ -590,7 +690,7 @@ async fn check_everything(server: &Server) {
     check_flamegraph(server, &fixture).await;
     check_diff(server, &fixture).await;
     check_bad_input(server, &fixture).await;
-    check_cli(server, &fixture);
+    check_cli(server, &fixture).await;
 }
 
 #[tokio::test]

@@ -69,26 +69,35 @@ pub fn diff_json(base: &FlameTree, target: &FlameTree) -> String {
         );
         steps.push(Step::Close);
 
-        // Children of both sides matched by frame name.
+        // Children of both sides matched by frame name, through a map: a node can have
+        // many thousands of children.
+        let mut target_children: std::collections::HashMap<&str, NodeId> = target_node
+            .map(|node| {
+                target
+                    .sorted_children(node)
+                    .into_iter()
+                    .map(|child| (target.name(child), child))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut children: Vec<(Option<NodeId>, Option<NodeId>, f64)> = Vec::new();
-        let target_children = target_node.map(|node| target.sorted_children(node));
-        let mut target_unmatched: Vec<NodeId> = target_children.clone().unwrap_or_default();
         if let Some(node) = base_node {
             for child in base.sorted_children(node) {
-                let partner = target_children.as_ref().and_then(|list| {
-                    list.iter()
-                        .copied()
-                        .find(|&other| target.name(other) == base.name(child))
-                });
-                if let Some(partner) = partner {
-                    target_unmatched.retain(|&other| other != partner);
-                }
+                let partner = target_children.remove(base.name(child));
                 let larger = share(base.value(child), base_total)
                     .max(partner.map_or(0.0, |p| share(target.value(p), target_total)));
                 children.push((Some(child), partner, larger));
             }
         }
-        for child in target_unmatched {
+        let mut target_only: Vec<NodeId> = target_children.into_values().collect();
+        // The hash map lost the order: hottest first, then by name, as everywhere.
+        target_only.sort_by(|&a, &b| {
+            target
+                .value(b)
+                .cmp(&target.value(a))
+                .then_with(|| target.name(a).cmp(target.name(b)))
+        });
+        for child in target_only {
             children.push((None, Some(child), share(target.value(child), target_total)));
         }
         children.sort_by(|a, b| b.2.total_cmp(&a.2));

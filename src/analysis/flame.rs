@@ -76,14 +76,21 @@ impl FlameTree {
         self.nodes[0].value += count;
         let mut current: NodeId = 0;
         for frame in stack {
-            let name = self.intern(frame.as_ref());
-            let child = match self.edges.get(&(current, name)) {
-                Some(&child) => child,
+            let frame = frame.as_ref();
+            // A frame is interned only when a node is made for it, so a full tree stops
+            // growing its name table too.
+            let existing = self
+                .name_ids
+                .get(frame)
+                .and_then(|&name| self.edges.get(&(current, name)).copied());
+            let child = match existing {
+                Some(child) => child,
                 None if self.nodes.len() >= self.max_nodes => {
                     self.truncated_samples += count;
                     break;
                 }
                 None => {
+                    let name = self.intern(frame);
                     let child = self.nodes.len() as NodeId;
                     self.nodes.push(Node {
                         name,
@@ -140,6 +147,22 @@ impl FlameTree {
                 .then_with(|| self.name(a).cmp(self.name(b)))
         });
         children
+    }
+
+    /// Frames that writing every stack out costs (the sum of the depths of the nodes
+    /// with self samples): what folded stacks and pprof samples grow with.
+    pub fn stack_frames(&self) -> u64 {
+        let mut frames = 0u64;
+        let mut pending: Vec<(NodeId, u64)> = vec![(0, 0)];
+        while let Some((node, depth)) = pending.pop() {
+            if depth > 0 && self.self_value(node) > 0 {
+                frames = frames.saturating_add(depth);
+            }
+            for &child in &self.nodes[node as usize].children {
+                pending.push((child, depth + 1));
+            }
+        }
+        frames
     }
 
     /// Calls `visit(path, samples)` for every node with self samples: its path of nodes
@@ -277,6 +300,12 @@ mod tests {
     }
 
     #[test]
+    fn test_flame_stack_frames() {
+        let tree = tree(&[(&["m", "a", "x"], 3), (&["m", "a"], 1), (&["m", "b"], 5)]);
+        assert_eq!(tree.stack_frames(), 3 + 2 + 2);
+    }
+
+    #[test]
     fn test_flame_json_shape() {
         let tree = tree(&[(&["m", "a\"q"], 2), (&["m"], 1)]);
         let json: serde_json::Value = serde_json::from_str(&tree.to_json(20)).unwrap();
@@ -310,6 +339,8 @@ mod tests {
         tree.add(&["m", "a", "x"], 2);
         tree.add(&["m", "b"], 1);
         assert_eq!(tree.node_count(), 3);
+        // "x" and "b" got no node, so their names were never kept.
+        assert_eq!(tree.names.len(), 3);
         assert_eq!(tree.total(), 3);
         assert_eq!(tree.truncated_samples(), 3);
         let m = tree.sorted_children(0)[0];

@@ -16,7 +16,25 @@ fn field(frame: &str) -> std::borrow::Cow<'_, str> {
 /// The tree's stacks, hottest branches first, each with its self samples.
 pub fn collapsed(tree: &FlameTree) -> String {
     let mut out = String::new();
+    write_collapsed(tree, |chunk| {
+        out.push_str(chunk);
+        true
+    });
+    out
+}
+
+/// Bytes of folded text handed on at a time by `write_collapsed`.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Writes the folded stacks in chunks of about `CHUNK_BYTES`, so that a large flame
+/// graph is sent as it is written instead of held whole. `emit` answers false to stop.
+pub fn write_collapsed(tree: &FlameTree, mut emit: impl FnMut(&str) -> bool) {
+    let mut out = String::with_capacity(CHUNK_BYTES + 4096);
+    let mut open = true;
     tree.for_each_stack(|stack, count| {
+        if !open {
+            return;
+        }
         for (index, frame) in stack.iter().enumerate() {
             if index > 0 {
                 out.push(';');
@@ -26,8 +44,14 @@ pub fn collapsed(tree: &FlameTree) -> String {
         out.push(' ');
         out.push_str(&count.to_string());
         out.push('\n');
+        if out.len() >= CHUNK_BYTES {
+            open = emit(&out);
+            out.clear();
+        }
     });
-    out
+    if open && !out.is_empty() {
+        emit(&out);
+    }
 }
 
 /// Reads folded stacks back into a tree (what `skysnap task top` does with the API's
@@ -62,6 +86,28 @@ mod tests {
             collapsed(&tree),
             "a.Main.main:10 1\na.Main.main:10;a.B.run:3 4\nx_y;z 2\n"
         );
+    }
+
+    #[test]
+    fn test_folded_chunks_add_up() {
+        let mut tree = FlameTree::new(100_000);
+        for i in 0..5_000 {
+            tree.add(&["main".to_string(), format!("frame-{i:05}")], 1);
+        }
+        let mut chunks = Vec::new();
+        write_collapsed(&tree, |chunk| {
+            chunks.push(chunk.to_string());
+            true
+        });
+        assert!(chunks.len() > 1);
+        assert!(chunks.iter().all(|chunk| chunk.ends_with('\n')));
+        assert_eq!(chunks.concat(), collapsed(&tree));
+        let mut calls = 0;
+        write_collapsed(&tree, |_| {
+            calls += 1;
+            false
+        });
+        assert_eq!(calls, 1, "a refused chunk stops the writer");
     }
 
     #[test]

@@ -151,6 +151,14 @@ pub fn encode(
         });
     });
     builder.profile.sample = profile_samples;
+    if tree.truncated_samples() > 0 {
+        let comment = format!(
+            "skysnap: {} samples were cut short at analysis.max_flamegraph_nodes",
+            tree.truncated_samples()
+        );
+        builder.profile.string_table.push(comment);
+        builder.profile.comment = vec![builder.profile.string_table.len() as i64 - 1];
+    }
     let bytes = builder.profile.encode_to_vec();
     let mut gzip = flate2::write::GzEncoder::new(
         Vec::with_capacity(bytes.len() / 4),

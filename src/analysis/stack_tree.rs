@@ -109,11 +109,9 @@ impl<'a> TreeBuilder<'a> {
         while let Some((node_index, parent_id)) = queue.pop_front() {
             let node = &self.nodes[node_index as usize];
             let id = elements.len() as u32 + 1;
-            let children_duration: i64 = node
-                .children
-                .iter()
-                .map(|&child| durations[child as usize])
-                .sum();
+            let children_duration = node.children.iter().fold(0i64, |sum, &child| {
+                sum.saturating_add(durations[child as usize])
+            });
             let duration = durations[node_index as usize];
             elements.push(StackElement {
                 id,
@@ -121,7 +119,7 @@ impl<'a> TreeBuilder<'a> {
                 code_signature: node.code_signature.to_string(),
                 count: node.detected_by.len() as u32,
                 duration,
-                duration_child_excluded: duration - children_duration,
+                duration_child_excluded: duration.saturating_sub(children_duration),
             });
             let mut children = node.children.clone();
             // Hottest first; ties keep the order of first appearance (creation order).
@@ -152,16 +150,21 @@ fn run_duration(detected_by: &[u32], snapshots: &[&SnapshotRecord]) -> i64 {
                 (first, snapshot)
             }
             Some((first, last)) => {
-                total += last.dump_time - first.dump_time;
+                total = add_run(total, first, last);
                 (snapshot, snapshot)
             }
             None => (snapshot, snapshot),
         });
     }
     if let Some((first, last)) = run {
-        total += last.dump_time - first.dump_time;
+        total = add_run(total, first, last);
     }
     total
+}
+
+/// Dump times are the agents' and may be anything positive: saturate, never overflow.
+fn add_run(total: i64, first: &SnapshotRecord, last: &SnapshotRecord) -> i64 {
+    total.saturating_add(last.dump_time.saturating_sub(first.dump_time))
 }
 
 /// Analyses `snapshots` (already cut to the limit by the caller, who read them);
@@ -248,22 +251,23 @@ mod tests {
     #[test]
     fn test_stack_tree_by_hand() {
         let snapshots = vec![
-            snapshot("s2", 0, 5000, &["main", "a", "x"]),
+            snapshot("s2", 6, 5000, &["main", "a", "x"]),
             snapshot("s1", 0, 1000, &["main", "a", "x"]),
             snapshot("s1", 1, 1010, &["main", "a", "x"]),
-            snapshot("s2", 1, 5010, &["other", "z"]),
+            snapshot("s2", 7, 5010, &["other", "z"]),
             snapshot("s1", 2, 1020, &["main", "b", "x"]),
             snapshot("s1", 4, 1040, &["main", "a"]),
             snapshot("s1", 1, 1010, &["main", "a", "x"]),
             snapshot("s1", 5, 1050, &["main", "a", "y"]),
-            snapshot("s2", 2, 5020, &["main", "b"]),
+            snapshot("s2", 8, 5020, &["main", "b"]),
         ];
         let analysis = analyze(&snapshots, 9, 12_000);
         assert_eq!(analysis.tip, None);
         assert_eq!(analysis.trees.len(), 2);
-        // main: s1 runs 0-2 (20 ms) and 4-5 (10 ms); s2 0 and 2 alone → 30.
-        // a: s1 0-1 (10), 4-5 (10), s2 0 → 20; b: s1 2, s2 2 → 0.
-        // a/x: s1 0-1 (10), s2 0 → 10; a/y: 0; b/x: 0.
+        // main: s1 runs 0-2 (20 ms) and 4-5 (10 ms); s2 6 and 8 alone → 30 (s2's 6 does
+        // not continue s1's 4-5: runs are per segment).
+        // a: s1 0-1 (10), 4-5 (10), s2 6 → 20; b: s1 2, s2 8 → 0.
+        // a/x: s1 0-1 (10), s2 6 → 10; a/y: 0; b/x: 0.
         assert_eq!(
             analysis.trees[0].elements,
             [
@@ -295,5 +299,17 @@ mod tests {
             Some("Out of snapshot analyze limit, 5 snapshots found, but analysis first 2 snapshots only.")
         );
         assert_eq!(cut.trees[0].elements, [element(1, 0, "m", 2, 100, 100)]);
+    }
+
+    #[test]
+    fn test_stack_tree_extreme_times_saturate() {
+        let snapshots = vec![
+            snapshot("s", 0, 1, &["m"]),
+            snapshot("s", 1, i64::MAX, &["m"]),
+            snapshot("s", 3, 1, &["m"]),
+            snapshot("s", 4, i64::MAX, &["m"]),
+        ];
+        let analysis = analyze(&snapshots, 4, 10);
+        assert_eq!(analysis.trees[0].elements[0].duration, i64::MAX);
     }
 }

@@ -98,6 +98,14 @@ impl Client {
 }
 
 impl Client {
+    pub async fn segments(&self, id: &str) -> anyhow::Result<Value> {
+        self.call(
+            self.http
+                .get(self.url(&format!("/tasks/{}/segments", encode(id)))),
+        )
+        .await
+    }
+
     /// The stack trees of a task's segments (`segments` empty: all of them).
     pub async fn analyze(&self, task_id: &str, segments: &[String]) -> anyhow::Result<Value> {
         let query: Vec<(&str, &str)> = if segments.is_empty() {

@@ -5,13 +5,18 @@
 //! snapshots, and a flame graph is counted by the store and held as at most
 //! `analysis.max_flamegraph_nodes` nodes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
+use axum::http::HeaderName;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt as _;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::api::find_task;
 use super::error::ApiError;
@@ -20,8 +25,31 @@ use crate::analysis::stack_tree::{self, Analysis};
 use crate::analysis::{diff, folded, pprof, FlameTree};
 use crate::store::{SnapshotFilter, Store, StoreError};
 
-/// Most segments one analysis request may name.
-const MAX_SEGMENTS_PER_ANALYSIS: usize = 1_000;
+/// Most segments one analysis request may name: each is a store query (a full scan on
+/// ClickHouse, whose key starts with the task).
+const MAX_SEGMENTS_PER_ANALYSIS: usize = 100;
+
+/// How long a request waits for one of the `analysis.max_concurrent_requests` slots.
+const PERMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Most frame references one pprof answer may hold (8 bytes each while it is built).
+const MAX_PPROF_FRAMES: u64 = 8_000_000;
+
+/// Samples of the answer that were cut short because the tree was full.
+const TRUNCATED_HEADER: HeaderName = HeaderName::from_static("x-skysnap-truncated-samples");
+
+/// Waits for an analysis slot: they bound the CPU, memory and blocking threads that
+/// analyses take together, whatever the number of callers.
+async fn analysis_permit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(PERMIT_WAIT, state.analysis_permits.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(ApiError::Unavailable("skysnap is shutting down".into())),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "too many analyses running (analysis.max_concurrent_requests = {}); try again",
+            state.analysis.max_concurrent_requests
+        ))),
+    }
+}
 
 /// The query string as (key, value) pairs in order, percent-decoded.
 fn pairs(raw: Option<&str>) -> Vec<(String, String)> {
@@ -66,11 +94,17 @@ enum AnalysisTarget {
 fn parse_analysis_query(raw: Option<&str>) -> Result<AnalysisTarget, ApiError> {
     let mut filters: Vec<SnapshotFilter> = Vec::new();
     let mut task_opt: Option<SnapshotFilter> = None;
+    let mut segments_seen = HashSet::new();
     for (key, value) in pairs(raw) {
         match key.as_str() {
             "segment" => {
                 if value.is_empty() {
                     return Err(ApiError::BadRequest("segment: must not be empty".into()));
+                }
+                if !segments_seen.insert(value.clone()) {
+                    return Err(ApiError::BadRequest(format!(
+                        "segment: {value} is given twice (one time range per segment)"
+                    )));
                 }
                 filters.push(SnapshotFilter {
                     segment_id_opt: Some(value),
@@ -150,6 +184,7 @@ pub async fn analysis(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Analysis>, ApiError> {
     let target = parse_analysis_query(raw.as_deref())?;
+    let _permit = analysis_permit(&state).await?;
     let store = &state.handles.store;
     let limit = state.analysis.max_snapshots;
     let filters = match target {
@@ -165,7 +200,7 @@ pub async fn analysis(
         let count = store.count_snapshots(filter).await?;
         if count == 0 {
             if let Some(segment) = &filter.segment_id_opt {
-                ensure_segment_exists(store.as_ref(), segment).await?;
+                ensure_segment_exists(store.as_ref(), None, segment).await?;
             }
             continue;
         }
@@ -182,14 +217,38 @@ pub async fn analysis(
     Ok(Json(analysis))
 }
 
-/// A segment with no snapshot at all is unknown (404); one whose range is empty is not.
-async fn ensure_segment_exists(store: &dyn Store, segment: &str) -> Result<(), ApiError> {
+/// A segment with no snapshot at all (of the task, when one is given) is unknown: 404.
+/// One whose time range is empty is not.
+async fn ensure_segment_exists(
+    store: &dyn Store,
+    task_id_opt: Option<&str>,
+    segment: &str,
+) -> Result<(), ApiError> {
     let whole = SnapshotFilter {
+        task_id_opt: task_id_opt.map(str::to_string),
         segment_id_opt: Some(segment.to_string()),
         ..SnapshotFilter::default()
     };
-    if store.count_snapshots(&whole).await? == 0 {
-        return Err(ApiError::NotFound(format!("segment {segment} not found")));
+    if store.count_snapshots(&whole).await? > 0 {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(match task_id_opt {
+        Some(task_id) => format!("segment {segment} of task {task_id} not found"),
+        None => format!("segment {segment} not found"),
+    }))
+}
+
+/// After counting: a side whose tree is empty and that named a segment must name one
+/// that exists.
+async fn ensure_segments_exist(
+    store: &dyn Store,
+    filters: &[SnapshotFilter],
+    trees: &[FlameTree],
+) -> Result<(), ApiError> {
+    for (filter, tree) in filters.iter().zip(trees) {
+        if let (Some(segment), 0) = (&filter.segment_id_opt, tree.total()) {
+            ensure_segment_exists(store, filter.task_id_opt.as_deref(), segment).await?;
+        }
     }
     Ok(())
 }
@@ -261,14 +320,14 @@ fn check_known_keys(pairs: &[(String, String)], known: &[&str]) -> Result<(), Ap
     Ok(())
 }
 
-/// Counts a filter's stacks in the store into a bounded tree, then hands the tree to
-/// `finish`, both off the async threads: the tree and its encodings are CPU work.
-async fn with_flame_trees<T: Send + 'static>(
+/// Counts each filter's stacks in the store into a bounded tree, off the async threads
+/// (the tree is CPU work). The caller holds an analysis permit, which bounds how many
+/// blocking threads wait here on their store streams at once.
+async fn build_flame_trees(
     store: Arc<dyn Store>,
     filters: Vec<SnapshotFilter>,
     max_nodes: usize,
-    finish: impl FnOnce(Vec<FlameTree>) -> T + Send + 'static,
-) -> Result<T, ApiError> {
+) -> Result<Vec<FlameTree>, ApiError> {
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut trees = Vec::with_capacity(filters.len());
@@ -284,10 +343,34 @@ async fn with_flame_trees<T: Send + 'static>(
             })?;
             trees.push(tree);
         }
-        Ok::<T, ApiError>(finish(trees))
+        Ok::<Vec<FlameTree>, ApiError>(trees)
     })
     .await
     .map_err(|error| ApiError::Internal(format!("flame graph failed: {error}")))?
+}
+
+/// Runs CPU work (an encoding) on a blocking thread.
+async fn off_async<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| ApiError::Internal(format!("flame graph encoding failed: {error}")))
+}
+
+/// Folded stacks as a streamed body: the text of a large tree is written in chunks as
+/// the client reads it, never held whole. The permit lives until the last chunk.
+fn collapsed_body(tree: FlameTree, permit: OwnedSemaphorePermit) -> Body {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        folded::write_collapsed(&tree, |chunk| {
+            sender
+                .blocking_send(Ok(bytes::Bytes::copy_from_slice(chunk.as_bytes())))
+                .is_ok()
+        });
+    });
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
 }
 
 /// `GET /api/v1/tasks/{id}/flamegraph?format=json|collapsed|pprof&segment=&start=&end=`.
@@ -298,60 +381,84 @@ pub async fn task_flamegraph(
 ) -> Result<Response, ApiError> {
     let pairs = pairs(raw.as_deref());
     check_known_keys(&pairs, &["format", "segment", "start", "end", "instance"])?;
-    let mut format = FlameFormat::Json;
+    let mut format_opt = None;
     for (key, value) in &pairs {
-        if key == "format" {
-            format = match value.as_str() {
-                "json" => FlameFormat::Json,
-                "collapsed" => FlameFormat::Collapsed,
-                "pprof" => FlameFormat::Pprof,
-                other => {
-                    return Err(ApiError::BadRequest(format!(
-                        "format: unknown format {other:?} (json, collapsed or pprof)"
-                    )))
-                }
-            };
+        if key != "format" {
+            continue;
+        }
+        let format = match value.as_str() {
+            "json" => FlameFormat::Json,
+            "collapsed" => FlameFormat::Collapsed,
+            "pprof" => FlameFormat::Pprof,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "format: unknown format {other:?} (json, collapsed or pprof)"
+                )))
+            }
+        };
+        if format_opt.replace(format).is_some() {
+            return Err(ApiError::BadRequest("format: given twice".into()));
         }
     }
+    let format = format_opt.unwrap_or(FlameFormat::Json);
     let filter = side_filter(&pairs, "", &task_id)?;
     let task = find_task(&state, &task_id).await?;
-    let (dump_period, start_time, duration_ms) = (
-        i64::from(task.dump_period),
-        task.start_time,
-        task.end_time() - task.start_time,
-    );
-    let body = with_flame_trees(
+    let permit = analysis_permit(&state).await?;
+    let filters = vec![filter];
+    let mut trees = build_flame_trees(
         state.handles.store.clone(),
-        vec![filter],
+        filters.clone(),
         state.analysis.max_flamegraph_nodes,
-        move |trees| match format {
-            FlameFormat::Json => trees[0].to_json(dump_period).into_bytes(),
-            FlameFormat::Collapsed => folded::collapsed(&trees[0]).into_bytes(),
-            FlameFormat::Pprof => pprof::encode(&trees[0], dump_period, start_time, duration_ms),
-        },
     )
     .await?;
+    ensure_segments_exist(state.handles.store.as_ref(), &filters, &trees).await?;
+    let tree = trees.remove(0);
+    let truncated = tree.truncated_samples().to_string();
+    let dump_period = i64::from(task.dump_period);
     let response = match format {
-        FlameFormat::Json => ([(CONTENT_TYPE, "application/json")], body).into_response(),
-        FlameFormat::Collapsed => {
-            ([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        FlameFormat::Json => {
+            let body = off_async(move || tree.to_json(dump_period)).await?;
+            ([(CONTENT_TYPE, "application/json")], body).into_response()
         }
-        FlameFormat::Pprof => (
-            [
-                (CONTENT_TYPE, "application/octet-stream".to_string()),
-                (
-                    CONTENT_DISPOSITION,
-                    format!(
-                        "attachment; filename=\"skysnap-{}.pb.gz\"",
-                        safe_file_name(&task_id)
-                    ),
-                ),
-            ],
-            body,
+        FlameFormat::Collapsed => (
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            collapsed_body(tree, permit),
         )
             .into_response(),
+        FlameFormat::Pprof => {
+            let frames = tree.stack_frames();
+            if frames > MAX_PPROF_FRAMES {
+                return Err(ApiError::BadRequest(format!(
+                    "format: the pprof of this selection would hold {frames} frames, more than \
+                     {MAX_PPROF_FRAMES}; narrow it by segment or time range, or use collapsed"
+                )));
+            }
+            let (start_time, duration_ms) = (task.start_time, task.end_time() - task.start_time);
+            let body =
+                off_async(move || pprof::encode(&tree, dump_period, start_time, duration_ms))
+                    .await?;
+            let disposition = format!(
+                "attachment; filename=\"skysnap-{}.pb.gz\"",
+                safe_file_name(&task_id)
+            );
+            (
+                [
+                    (CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (CONTENT_DISPOSITION, disposition),
+                ],
+                body,
+            )
+                .into_response()
+        }
     };
-    Ok(response)
+    Ok(with_truncated_header(response, truncated))
+}
+
+fn with_truncated_header(mut response: Response, truncated: String) -> Response {
+    if let Ok(value) = truncated.parse() {
+        response.headers_mut().insert(TRUNCATED_HEADER, value);
+    }
+    response
 }
 
 fn safe_file_name(text: &str) -> String {
@@ -403,14 +510,21 @@ pub async fn flamegraph_diff(
     let target = side_filter(&pairs, "target_", &target_task)?;
     find_task(&state, &base_task).await?;
     find_task(&state, &target_task).await?;
-    let body = with_flame_trees(
+    let _permit = analysis_permit(&state).await?;
+    let filters = vec![base, target];
+    let trees = build_flame_trees(
         state.handles.store.clone(),
-        vec![base, target],
+        filters.clone(),
         state.analysis.max_flamegraph_nodes,
-        |trees| diff::diff_json(&trees[0], &trees[1]),
     )
     .await?;
-    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+    ensure_segments_exist(state.handles.store.as_ref(), &filters, &trees).await?;
+    let truncated = (trees[0].truncated_samples() + trees[1].truncated_samples()).to_string();
+    let body = off_async(move || diff::diff_json(&trees[0], &trees[1])).await?;
+    Ok(with_truncated_header(
+        ([(CONTENT_TYPE, "application/json")], body).into_response(),
+        truncated,
+    ))
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub struct AppState {
     pub max_snapshots_per_response: usize,
     /// Bounds of the analysis and flame-graph answers.
     pub analysis: AnalysisConfig,
+    /// `analysis.max_concurrent_requests` slots shared by every analysis answer.
+    pub analysis_permits: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: AppState) -> Router {

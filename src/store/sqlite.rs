@@ -21,9 +21,14 @@ use crate::model::{
 /// Rows one retention statement deletes at most, so writers never wait long.
 const RETENTION_CHUNK_ROWS: i64 = 10_000;
 
-/// Distinct stacks a flame-graph scan counts in memory before it hands them on: the
-/// scan's memory stays bounded however many distinct stacks a task has.
+/// Distinct stacks, and bytes of their text, that a flame-graph scan counts in memory
+/// before it hands them on: the scan's memory stays bounded however many distinct (or
+/// deep) stacks a task has.
 const STACK_COUNT_FLUSH_ENTRIES: usize = 20_000;
+const STACK_COUNT_FLUSH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Rows a flame-graph scan reads between two checks that its reader is still there.
+const STACK_COUNT_CHECK_ROWS: u64 = 4_096;
 
 /// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
 /// them and `json_each` can query them. Snapshot rows (~2 KB) live in a rowid table,
@@ -269,6 +274,7 @@ fn count_stacks(
     ))?;
     let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
     let mut counts: std::collections::HashMap<Box<str>, u64> = std::collections::HashMap::new();
+    let mut counted_bytes = 0usize;
     let flush = |counts: &mut std::collections::HashMap<Box<str>, u64>| -> rusqlite::Result<bool> {
         for (stack_json, count) in counts.drain() {
             let stack = parse_stack(&stack_json)?;
@@ -281,14 +287,26 @@ fn count_stacks(
         }
         Ok(true)
     };
+    let mut rows_read = 0u64;
     while let Some(row) = rows.next()? {
+        rows_read += 1;
+        // A caller that went away (a closed HTTP request) stops the scan.
+        if rows_read.is_multiple_of(STACK_COUNT_CHECK_ROWS) && sender.is_closed() {
+            return Ok(());
+        }
         let stack_json = row.get_ref(0)?.as_str()?;
         match counts.get_mut(stack_json) {
             Some(count) => *count += 1,
             None => {
-                if counts.len() >= STACK_COUNT_FLUSH_ENTRIES && !flush(&mut counts)? {
-                    return Ok(());
+                let full = counts.len() >= STACK_COUNT_FLUSH_ENTRIES
+                    || counted_bytes + stack_json.len() > STACK_COUNT_FLUSH_BYTES;
+                if full {
+                    if !flush(&mut counts)? {
+                        return Ok(());
+                    }
+                    counted_bytes = 0;
                 }
+                counted_bytes += stack_json.len();
                 counts.insert(Box::from(stack_json), 1);
             }
         }

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 
 import pytest
@@ -36,15 +37,23 @@ def _instances_of(services, service):
     return []
 
 
-def _store_env(store):
-    """skysnap's environment for the store: SQLite (default) or the test ClickHouse."""
+def _store_env(store, request):
+    """skysnap's environment for the store: SQLite (default) or a fresh database on the
+    test ClickHouse, dropped when the test ends."""
     if store == 'sqlite':
         return {}
     url = os.environ.get('SKYSNAP_TEST_CLICKHOUSE_URL')
     if not url:
         pytest.skip('SKYSNAP_TEST_CLICKHOUSE_URL is not set (scripts/test.sh starts ClickHouse and sets it)')
+    database = f'e2e_{uuid.uuid4().hex[:12]}'
+
+    def drop():
+        with urllib.request.urlopen(url, data=f'DROP DATABASE IF EXISTS {database}'.encode(), timeout=30):
+            pass
+
+    request.addfinalizer(drop)
     return {'SKYSNAP_STORE_KIND': 'clickhouse', 'SKYSNAP_CLICKHOUSE_URL': url,
-            'SKYSNAP_CLICKHOUSE_DATABASE': f'e2e_{uuid.uuid4().hex[:12]}'}
+            'SKYSNAP_CLICKHOUSE_DATABASE': database}
 
 
 def _flame_nodes(root):
@@ -57,9 +66,9 @@ def _flame_nodes(root):
 
 
 @pytest.mark.parametrize('store', ['sqlite', 'clickhouse'])
-def test_agent_profiles_slow_endpoint(e2e, store):
+def test_agent_profiles_slow_endpoint(e2e, store, request):
     t0 = time.monotonic()
-    sk = e2e.skysnap(_store_env(store))
+    sk = e2e.skysnap(_store_env(store, request))
     service, instance = unique('e2e'), unique('inst')
 
     before = now_ms()

@@ -15,6 +15,12 @@ the memory of skysnap while ClickHouse is stopped under load. --soak-minutes N r
 only the long half-rate memory run. Results go to docs/perf/results.json (soak:
 docs/perf/soak.json) and into the generated block of docs/PERFORMANCE.md.
 
+--analysis runs only the reading side (issue 9), on SQLite and on ClickHouse: one task
+of a million snapshots and one segment of 12,000, then the median wall time of
+`GET /api/v1/analysis?segment=` and of the task's flame graph in each format, with
+skysnap's peak RSS while it answers and the store's own time for the same reads.
+Results go to docs/perf/analysis.json and into the analysis block of the doc.
+
 Run it through benches/run.sh, which builds the release binaries and starts the
 loopback ClickHouse and Kafka of scripts/services.
 """
@@ -22,6 +28,7 @@ loopback ClickHouse and Kafka of scripts/services.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -46,6 +53,7 @@ CLICKHOUSE_SH = os.path.join(ROOT, "scripts/services/clickhouse.sh")
 KAFKA_SH = os.path.join(ROOT, "scripts/services/kafka.sh")
 RESULTS = os.path.join(ROOT, "docs/perf/results.json")
 SOAK = os.path.join(ROOT, "docs/perf/soak.json")
+ANALYSIS = os.path.join(ROOT, "docs/perf/analysis.json")
 DOC = os.path.join(ROOT, "docs/PERFORMANCE.md")
 CLICKHOUSE_URL = os.environ.get("SKYSNAP_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:18123")
 KAFKA_BROKERS = os.environ.get("SKYSNAP_BENCH_KAFKA_BROKERS", "127.0.0.1:19092")
@@ -58,6 +66,18 @@ RAW_CONCURRENCY = (2, 4, 8)
 # The load every scenario gets: 8 agents (one connection each) x 4 concurrent streams x
 # 500 snapshots of 40 frames, as fast as the server acknowledges.
 LOAD = {"agents": 8, "streams": 4, "batch": 500, "depth": 40, "frame_pool": 3000}
+
+# The reading side (--analysis): one task of at least TASK_SNAPSHOTS snapshots from one
+# agent with 8 streams (so 8 x 4 segments' stacks, cycled), and one segment of
+# SEGMENT_SNAPSHOTS (analysis.max_snapshots) under a task id of its own.
+ANALYSIS_LOAD = {"agents": 1, "streams": 8, "batch": 500, "depth": 40, "frame_pool": 3000}
+TASK_SNAPSHOTS = 1_000_000
+SEGMENT_SNAPSHOTS = 12_000
+ANALYSIS_CALLS = 9
+FLAME_CALLS = 5  # per format, the formats taking turns
+FLAME_FORMATS = ("json", "collapsed", "pprof")
+ANALYSIS_TARGETS = {"analysis_ms": 50, "flame_s": {"sqlite": 10, "clickhouse": 2},
+                    "rss_mb": 300, "encoding_vs_json": 1.2}
 
 
 SERVICE_PID_FILES = {
@@ -455,6 +475,245 @@ def soak(minutes, rate):
     }
 
 
+def load_once(grpc, http, options, seconds):
+    """One `skysnap load` run with `options` (ANALYSIS_LOAD's keys) as fast as acknowledged;
+    without `http` it creates no task and sends under `load-task-<run>-<agent>`."""
+    command = [SKYSNAP, "load", "--target", f"http://{grpc}", "--json",
+               "--duration", f"{seconds}s", "--rate", "0",
+               "--agents", str(options["agents"]), "--streams", str(options["streams"]),
+               "--batch", str(options["batch"]), "--depth", str(options["depth"]),
+               "--frame-pool", str(options["frame_pool"])]
+    command += ["--server", f"http://{http}"] if http else ["--no-check"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SKYSNAP_")}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 600)
+    if not finished.stdout.strip():
+        raise RuntimeError(f"skysnap load failed: {finished.stderr[-2000:]}")
+    return json.loads(finished.stdout)
+
+
+def http_get(url):
+    """Wall time of one GET until its last byte, and the body."""
+    began = time.monotonic()
+    with urllib.request.urlopen(url, timeout=600) as response:
+        body = response.read()
+    return time.monotonic() - began, body
+
+
+def timed(function, calls=3):
+    """Median seconds of `calls` calls of `function`."""
+    times = []
+    for _ in range(calls):
+        began = time.monotonic()
+        function()
+        times.append(time.monotonic() - began)
+    return statistics.median(times)
+
+
+def clickhouse_read(query):
+    """Runs a query through ClickHouse's HTTP interface and reads the whole answer."""
+    with urllib.request.urlopen(CLICKHOUSE_URL + "/", data=query.encode(), timeout=600) as response:
+        return response.read()
+
+
+def sql_text(value):
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def store_reads(kind, database, sqlite_path, task_id, segment_id):
+    """The store's own time for the reads behind the two requests, without skysnap, and
+    variants of them that show where that time goes: (what, request, seconds) rows,
+    median of 3 calls each. ClickHouse: the store's queries through the HTTP interface,
+    answers read whole (RowBinary). SQLite: the store's SQL run by Python's sqlite3 (the
+    system's SQLite, not skysnap's bundled one), in SQLite itself: `sum(length(CAST(stack
+    AS BLOB)))` reads every stack's bytes without Python touching a row."""
+    reads = []
+    if kind == "clickhouse":
+        table = f"{database}.profile_thread_snapshot"
+        segment = f"segment_id = {sql_text(segment_id)}"
+        task = f"task_id = {sql_text(task_id)}"
+        count = f"SELECT uniqExact(task_id, segment_id, sequence) FROM {table} WHERE {segment}"
+        rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack FROM {table} FINAL "
+                f"WHERE {segment} ORDER BY task_id, segment_id, sequence "
+                f"LIMIT {SEGMENT_SNAPSHOTS} FORMAT RowBinary")
+        plain_rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack FROM {table} "
+                      f"WHERE {segment} FORMAT RowBinary")
+        flame = (f"SELECT stack, count() AS count FROM (SELECT stack FROM {table} WHERE {task} "
+                 "LIMIT 1 BY task_id, segment_id, sequence) GROUP BY stack FORMAT RowBinary")
+        plain_flame = f"SELECT stack, count() AS count FROM {table} WHERE {task} GROUP BY stack FORMAT RowBinary"
+        stacks_only = f"SELECT count() FROM {table} WHERE {task} AND NOT ignore(stack)"
+        cases = [
+            ("the store's two queries (count, then `FINAL … ORDER BY` of the rows)", "analysis",
+             lambda: (clickhouse_read(count), clickhouse_read(rows))),
+            ("the segment's rows without `FINAL` and `ORDER BY`", "analysis", lambda: clickhouse_read(plain_rows)),
+            ("the store's query (`LIMIT 1 BY` the key, then `GROUP BY stack`)", "flame",
+             lambda: clickhouse_read(flame)),
+            ("`GROUP BY stack` without the `LIMIT 1 BY`", "flame", lambda: clickhouse_read(plain_flame)),
+            ("reading the task's stacks only (`NOT ignore(stack)`)", "flame", lambda: clickhouse_read(stacks_only)),
+        ]
+    else:
+        connection = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+        scan = lambda sql, value: connection.execute(sql, (value,)).fetchone()
+        size = "count(*), sum(length(CAST(stack AS BLOB)))"
+        rows = ("SELECT task_id, segment_id, sequence, dump_time, stack FROM profile_thread_snapshot "
+                "WHERE segment_id = ?")
+        cases = [
+            ("the store's query (`ORDER BY task_id, segment_id, sequence`: a temporary B-tree)", "analysis",
+             lambda: scan(f"SELECT {size} FROM ({rows} ORDER BY task_id, segment_id, sequence "
+                          f"LIMIT {SEGMENT_SNAPSHOTS})", segment_id)),
+            ("the same rows in the index's order (no `ORDER BY`)", "analysis",
+             lambda: scan(f"SELECT {size} FROM ({rows} LIMIT {SEGMENT_SNAPSHOTS})", segment_id)),
+            ("the store's scan of the task's rows", "flame",
+             lambda: scan(f"SELECT {size} FROM profile_thread_snapshot WHERE task_id = ?", task_id)),
+        ]
+    try:
+        for what, request, function in cases:
+            reads.append({"what": what, "request": request, "seconds": timed(function)})
+    finally:
+        if kind != "clickhouse":
+            connection.close()
+    return reads
+
+
+def wait_for_merges(database, limit_s=60):
+    """Lets ClickHouse finish merging the loaded parts, so that the calls do not share
+    the cores with merges; answers the seconds waited and the active parts left."""
+    began = time.monotonic()
+    while time.monotonic() - began < limit_s:
+        if int(clickhouse(f"SELECT count() FROM system.merges WHERE database = '{database}'") or 0) == 0:
+            break
+        time.sleep(1)
+    parts = int(clickhouse(f"SELECT count() FROM system.parts WHERE database = '{database}' "
+                           "AND table = 'profile_thread_snapshot' AND active") or 0)
+    return time.monotonic() - began, parts
+
+
+def analysis_store(kind):
+    """One store: load the task and the segment, restart skysnap on the loaded store (so
+    that its RSS counts the answers only), then time the requests."""
+    database = f"skysnap_bench_{uuid.uuid4().hex[:8]}" if kind == "clickhouse" else None
+    env = clickhouse_env(database) if database else {}
+    result = {"store": kind}
+    with tempfile.TemporaryDirectory(prefix="skysnap-bench-") as data:
+        began = time.monotonic()
+        server = skysnap_serve(data, env)
+        try:
+            grpc, http = server.addresses["grpc"], server.addresses["http"]
+            loads, acknowledged, seconds = [], 0, 15
+            while acknowledged < TASK_SNAPSHOTS:
+                log(f"{kind}: loading the task, {acknowledged:,} so far, {seconds} s more")
+                report = load_once(grpc, http, ANALYSIS_LOAD, seconds)
+                loads.append(report)
+                acknowledged += report["snapshots_acknowledged"]
+                rate = max(report["snapshots_per_second"], 1)
+                seconds = max(1, math.ceil((TASK_SNAPSHOTS - acknowledged) / rate * 1.05))
+            log(f"{kind}: loading a segment of {SEGMENT_SNAPSHOTS:,}")
+            segment_load = load_once(grpc, None, dict(ANALYSIS_LOAD, streams=1, batch=SEGMENT_SNAPSHOTS), 1)
+            result["rss_mb_after_load"] = rss_megabytes(server.pid)
+        finally:
+            server.stop()
+        result["load"] = {
+            "runs": len(loads), "snapshots_acknowledged": acknowledged,
+            "snapshots_per_second": acknowledged / sum(r["seconds"] for r in loads),
+            "missing": sum(r["missing_opt"] or 0 for r in loads),
+            "errors": sum(sum(r["errors"].values()) for r in loads),
+            "segment_snapshots_acknowledged": segment_load["snapshots_acknowledged"],
+            "seconds": time.monotonic() - began,
+        }
+        sqlite_path = os.path.join(data, "skysnap.db")
+        if database:
+            result["merge_wait_s"], result["active_parts"] = wait_for_merges(database)
+            table = f"{database}.profile_thread_snapshot"
+            segment_id = clickhouse(
+                f"SELECT segment_id FROM {table} WHERE task_id LIKE 'load-task-%' GROUP BY segment_id "
+                f"HAVING count() >= {SEGMENT_SNAPSHOTS} ORDER BY segment_id LIMIT 1")
+        else:
+            with sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True) as connection:
+                segment_id = connection.execute(
+                    "SELECT segment_id FROM profile_thread_snapshot WHERE task_id LIKE 'load-task-%' "
+                    f"GROUP BY segment_id HAVING count(*) >= {SEGMENT_SNAPSHOTS} ORDER BY segment_id LIMIT 1"
+                ).fetchone()[0]
+            result["bytes_on_disk"] = sum(os.path.getsize(sqlite_path + suffix) for suffix in ("", "-wal")
+                                          if os.path.exists(sqlite_path + suffix))
+
+        server = skysnap_serve(data, env)
+        try:
+            http = server.addresses["http"]
+            base = f"http://{http}/api/v1"
+            _, body = http_get(f"{base}/tasks?service=load-service-0")
+            task_id = json.loads(body)[0]["id"]
+            result["rss_mb_idle"] = rss_megabytes(server.pid)
+            # The machine is shared: say how busy it was when the calls began.
+            result["load_average_1m"] = os.getloadavg()[0]
+
+            log(f"{kind}: {ANALYSIS_CALLS} x GET /api/v1/analysis?segment={segment_id}")
+            sampler = RssSampler(server.pid)
+            sampler.start()
+            calls = []
+            for _ in range(ANALYSIS_CALLS):
+                seconds, body = http_get(f"{base}/analysis?{urllib.parse.urlencode({'segment': segment_id})}")
+                calls.append(seconds * 1000)
+            analysis = json.loads(body)
+            result["analysis"] = {
+                "segment_id": segment_id, "calls_ms": calls, "median_ms": statistics.median(calls),
+                "peak_rss_mb": sampler.stop(), "response_bytes": len(body),
+                "trees": len(analysis["trees"]), "tip": analysis["tip"],
+                "nodes": sum(len(tree["elements"]) for tree in analysis["trees"]),
+                "snapshots": sum(tree["elements"][0]["count"] for tree in analysis["trees"]),
+            }
+
+            flame = {name: {"calls_s": [], "peak_rss_mb": 0.0} for name in FLAME_FORMATS}
+            for call in range(FLAME_CALLS):
+                for name in FLAME_FORMATS:
+                    log(f"{kind}: flame graph {call + 1}/{FLAME_CALLS}, {name}")
+                    sampler = RssSampler(server.pid)
+                    sampler.start()
+                    seconds, body = http_get(f"{base}/tasks/{urllib.parse.quote(task_id)}/flamegraph?format={name}")
+                    peak = sampler.stop()
+                    flame[name]["calls_s"].append(seconds)
+                    flame[name]["peak_rss_mb"] = max(flame[name]["peak_rss_mb"], peak)
+                    flame[name]["response_bytes"] = len(body)
+                    if name == "json":
+                        root = json.loads(body)
+                        result["samples"] = root["value"]
+                        result["truncated_samples"] = root["truncated_samples"]
+                        result["flame_nodes"] = body.count(b'{"name":')
+                    elif name == "collapsed":
+                        result["distinct_stacks"] = body.count(b"\n")
+                    else:
+                        assert body[:2] == b"\x1f\x8b", "pprof answers are gzipped"
+            for name in FLAME_FORMATS:
+                flame[name]["median_s"] = statistics.median(flame[name]["calls_s"])
+            result["flame"] = flame
+            result["task_id"] = task_id
+            log(f"{kind}: the store's own reads")
+            result["store_only"] = store_reads(kind, database, sqlite_path, task_id, segment_id)
+            if database:
+                result["distinct_stacks_in_store"] = int(clickhouse(
+                    f"SELECT uniqExact(stack) FROM {database}.profile_thread_snapshot "
+                    f"WHERE task_id = {sql_text(task_id)}"))
+                result["bytes_on_disk"] = clickhouse_disk(database)[0]
+        finally:
+            server.stop()
+    if database:
+        clickhouse(f"DROP DATABASE IF EXISTS {database}")
+    result["seconds"] = time.monotonic() - began
+    return result
+
+
+def measure_analysis():
+    began = time.monotonic()
+    stores = {}
+    for kind in ("sqlite", "clickhouse"):
+        stores[kind] = analysis_store(kind)
+        log(f"{kind}: analysis {stores[kind]['analysis']['median_ms']:.0f} ms, flame graph "
+            + ", ".join(f"{name} {stores[kind]['flame'][name]['median_s']:.2f} s" for name in FLAME_FORMATS))
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src"],
+                           capture_output=True, text=True).stdout.strip()
+    return {"machine": machine(), "src_uncommitted_changes": bool(dirty), "load": ANALYSIS_LOAD,
+            "task_snapshots": TASK_SNAPSHOTS, "segment_snapshots": SEGMENT_SNAPSHOTS,
+            "targets": ANALYSIS_TARGETS, "stores": stores, "seconds": time.monotonic() - began}
+
+
 def git_commit():
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
@@ -645,14 +904,118 @@ def render(results, soak_result):
     return "\n".join(lines)
 
 
-def write_doc(results, soak_result):
-    with open(DOC) as doc:
-        text = doc.read()
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+def render_analysis(a):
+    """The reading side's block: what was loaded, the request times against the targets,
+    and the store's own time for the same reads."""
+    m, stores, targets = a["machine"], a["stores"], a["targets"]
+    names = {"sqlite": "SQLite", "clickhouse": f"ClickHouse {m['clickhouse']}"}
+    load = a["load"]
+    dirty = " with uncommitted changes to `src/`" if a["src_uncommitted_changes"] else ""
+
+    def row(label, cell):
+        return f"| {label} | " + " | ".join(cell(s) for s in stores.values()) + " |"
+
+    def store_read(s, request):
+        return next(r["seconds"] for r in s["store_only"] if r["request"] == request)
+
+    def peak_rss(s):
+        return max([s["analysis"]["peak_rss_mb"]] + [s["flame"][n]["peak_rss_mb"] for n in FLAME_FORMATS])
+
+    flame_targets = " / ".join(f"≤ {v}" for v in targets["flame_s"].values())
+    lines = [
+        f"Measured {m['date']} at commit `{m['commit']}`{dirty}: {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_gib']} GiB, {m['rustc']}, the release binary. Both stores' scenarios took "
+        f"{a['seconds'] / 60:.1f} minutes in all.",
+        "",
+        "| data | " + " | ".join(names[k] for k in stores) + " |",
+        "|---|" + "---:|" * len(stores),
+        row("task snapshots (`skysnap load` runs)",
+            lambda s: f"{s['load']['snapshots_acknowledged']:,} ({s['load']['runs']})"),
+        row("distinct stacks in the task (lines of the folded answer)", lambda s: f"{s['distinct_stacks']:,}"),
+        row("flame-graph nodes (samples cut short)", lambda s: f"{s['flame_nodes']:,} ({s['truncated_samples']})"),
+        row("load rate, snapshots/s (acknowledged but missing)",
+            lambda s: f"{fmt(s['load']['snapshots_per_second'])} ({s['load']['missing']})"),
+        row("the analysed segment: snapshots × frames (tree nodes)",
+            lambda s: f"{s['analysis']['snapshots']:,} × {load['depth']} ({s['analysis']['nodes']:,})"),
+        row("bytes on disk, all rows", lambda s: f"{s['bytes_on_disk'] / 1e6:,.0f} MB"),
+        row("skysnap's RSS right after loading / restarted, before the calls",
+            lambda s: f"{s['rss_mb_after_load']:.0f} / {s['rss_mb_idle']:.0f} MB"),
+        row("the machine's 1-minute load average when the calls began", lambda s: f"{s['load_average_1m']:.2f}"),
+        "",
+        f"`GET /api/v1/analysis?segment=<id>`, {ANALYSIS_CALLS} calls one after the other; "
+        f"the target is ≤ {targets['analysis_ms']} ms:",
+        "",
+        "| store | median ms | calls ms | the store's query alone, ms | answer bytes | peak RSS MB |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for kind, s in stores.items():
+        r = s["analysis"]
+        lines.append(f"| {names[kind]} | **{r['median_ms']:.0f}** | {', '.join(f'{v:.0f}' for v in r['calls_ms'])} "
+                     f"| {store_read(s, 'analysis') * 1000:.0f} | {r['response_bytes']:,} | {r['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        f"`GET /api/v1/tasks/<id>/flamegraph?format=…` over the whole task, {FLAME_CALLS} calls of each "
+        "format, the formats taking turns; the targets are ≤ "
+        + " and ≤ ".join(f"{v} s from {names[k]}" for k, v in targets["flame_s"].items())
+        + f", peak RSS ≤ {targets['rss_mb']} MB, and each encoding within "
+        f"{targets['encoding_vs_json'] - 1:.0%} of the JSON tree's time:",
+        "",
+        "| store | format | median s | calls s | / json | the store's query alone, s | answer bytes | peak RSS MB |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for kind, s in stores.items():
+        json_s = s["flame"]["json"]["median_s"]
+        for name in FLAME_FORMATS:
+            r = s["flame"][name]
+            lines.append(f"| {names[kind]} | {name} | **{r['median_s']:.2f}** "
+                         f"| {', '.join(f'{v:.2f}' for v in r['calls_s'])} | {r['median_s'] / json_s:.2f} "
+                         f"| {store_read(s, 'flame'):.2f} | {r['response_bytes']:,} | {r['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        "| target | " + " | ".join(names[k] for k in stores) + " | target |",
+        "|---|" + "---:|" * len(stores) + "---:|",
+        row("segment analysis, 12,000 × 40 (median ms)", lambda s: f"{s['analysis']['median_ms']:.0f}")
+        + f" ≤ {targets['analysis_ms']} |",
+        row("task flame graph, JSON (median s)", lambda s: f"{s['flame']['json']['median_s']:.2f}")
+        + f" {flame_targets} |",
+        row("task flame graph, slowest format (median s)",
+            lambda s: f"{max(s['flame'][n]['median_s'] for n in FLAME_FORMATS):.2f}") + f" {flame_targets} |",
+        row("collapsed / json", lambda s: f"{s['flame']['collapsed']['median_s'] / s['flame']['json']['median_s']:.2f}")
+        + f" ≤ {targets['encoding_vs_json']} |",
+        row("pprof / json", lambda s: f"{s['flame']['pprof']['median_s'] / s['flame']['json']['median_s']:.2f}")
+        + f" ≤ {targets['encoding_vs_json']} |",
+        row("peak RSS while answering (MB)", lambda s: f"{peak_rss(s):.0f}") + f" ≤ {targets['rss_mb']} |",
+        "",
+        "The store's own time for the same reads, without skysnap, and variants that show where "
+        "it goes (median of 3; ClickHouse through its HTTP interface, answers read whole; SQLite "
+        "through Python's `sqlite3` with the system's SQLite, summing the stacks' bytes inside "
+        "SQLite):",
+        "",
+        "| store | request | read | time |",
+        "|---|---|---|---:|",
+    ]
+    for kind, s in stores.items():
+        for r in s["store_only"]:
+            shown = f"{r['seconds'] * 1000:.0f} ms" if r["request"] == "analysis" else f"{r['seconds']:.2f} s"
+            lines.append(f"| {names[kind]} | {r['request']} | {r['what']} | {shown} |")
+    return "\n".join(lines)
+
+
+def replace_block(text, name, body):
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def write_doc(results, soak_result, analysis=None):
+    with open(DOC) as doc:
+        text = doc.read()
+    text = replace_block(text, "results", render(results, soak_result))
+    if analysis is not None:
+        text = replace_block(text, "analysis", render_analysis(analysis))
     with open(DOC, "w") as doc:
-        doc.write(f"{head}{begin}\n{render(results, soak_result)}\n{end}{tail}")
+        doc.write(text)
 
 
 def main():
@@ -661,16 +1024,24 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--soak-minutes", type=float, default=0,
                         help="run only the long half-rate memory run (ClickHouse direct)")
+    parser.add_argument("--analysis", action="store_true",
+                        help="run only the reading side: segment analysis and task flame graphs (~3 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON files")
     args = parser.parse_args()
     if not args.render_only:
-        for binary in (SKYSNAP, BARE_GRPC, RAW_CLICKHOUSE):
+        for binary in (SKYSNAP,) if args.analysis else (SKYSNAP, BARE_GRPC, RAW_CLICKHOUSE):
             if not os.path.exists(binary):
                 sys.exit(f"{binary} is missing; run benches/run.sh, which builds it")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     soak_result = json.load(open(SOAK)) if os.path.exists(SOAK) else None
+    analysis = json.load(open(ANALYSIS)) if os.path.exists(ANALYSIS) else None
     if args.render_only:
         results = json.load(open(RESULTS))
+    elif args.analysis:
+        results = json.load(open(RESULTS))
+        analysis = measure_analysis()
+        with open(ANALYSIS, "w") as out:
+            json.dump(analysis, out, indent=2)
     elif args.soak_minutes:
         results = json.load(open(RESULTS))
         rate = int(results["medians"]["clickhouse"]["snapshots_per_second"] / 2)
@@ -682,7 +1053,7 @@ def main():
         results = measure_all(args.runs, args.seconds)
         with open(RESULTS, "w") as out:
             json.dump(results, out, indent=2)
-    write_doc(results, soak_result)
+    write_doc(results, soak_result, analysis)
     log(f"wrote {os.path.relpath(DOC, ROOT)}")
 
 

@@ -7,12 +7,22 @@
 #   benches/run.sh                     # every scenario, 3 runs of 10 s (~15 min)
 #   benches/run.sh --runs 5 --seconds 20
 #   benches/run.sh --soak-minutes 10   # the long half-rate memory run, once
+#   benches/run.sh --analysis          # the reading side only (~3 min): no Kafka needed
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+analysis=false
+for arg in "$@"; do
+  if [[ "$arg" == "--analysis" ]]; then analysis=true; fi
+done
+
 ./scripts/build-deps.sh
-cargo build --release --bin skysnap --examples
+if $analysis; then
+  cargo build --release --bin skysnap
+else
+  cargo build --release --bin skysnap --examples
+fi
 
 started=()
 if ! ./scripts/services/clickhouse.sh status >/dev/null 2>&1; then
@@ -20,7 +30,7 @@ if ! ./scripts/services/clickhouse.sh status >/dev/null 2>&1; then
   ./scripts/services/clickhouse.sh start
   started+=(clickhouse)
 fi
-if ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
+if ! $analysis && ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
   ./scripts/services/kafka.sh install
   ./scripts/services/kafka.sh start
   started+=(kafka)

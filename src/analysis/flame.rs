@@ -4,7 +4,6 @@
 //! The tree is bounded: past `max_nodes` a stack's remaining frames are not added, its
 //! count stays on the deepest node that exists and is counted as truncated.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -24,13 +23,18 @@ struct Node {
     children: Vec<NodeId>,
 }
 
+/// Maps of the analysis: foldhash, since every frame of every stack is hashed (the
+/// standard SipHash took about half of the tree's build time) and the keys are the
+/// agents' frames, not an attacker's choice of collisions.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone)]
 pub struct FlameTree {
     names: Vec<Arc<str>>,
-    name_ids: HashMap<Arc<str>, u32>,
+    name_ids: FastMap<Arc<str>, u32>,
     nodes: Vec<Node>,
     /// (parent, frame name) → child, so a wide node is not scanned frame by frame.
-    edges: HashMap<(NodeId, u32), NodeId>,
+    edges: FastMap<(NodeId, u32), NodeId>,
     max_nodes: usize,
     /// Samples whose stack was cut short because the tree was full.
     truncated_samples: u64,
@@ -41,9 +45,9 @@ impl FlameTree {
     pub fn new(max_nodes: usize) -> FlameTree {
         let mut tree = FlameTree {
             names: Vec::new(),
-            name_ids: HashMap::new(),
+            name_ids: FastMap::default(),
             nodes: Vec::new(),
-            edges: HashMap::new(),
+            edges: FastMap::default(),
             max_nodes: max_nodes.max(1),
             truncated_samples: 0,
         };
@@ -128,6 +132,16 @@ impl FlameTree {
 
     pub fn name(&self, node: NodeId) -> &str {
         &self.names[self.nodes[node as usize].name as usize]
+    }
+
+    /// The interned id of the node's frame: equal frames have equal ids.
+    pub fn name_id(&self, node: NodeId) -> u32 {
+        self.nodes[node as usize].name
+    }
+
+    /// Every distinct frame of the tree, by name id.
+    pub fn names(&self) -> &[Arc<str>] {
+        &self.names
     }
 
     pub fn value(&self, node: NodeId) -> u64 {

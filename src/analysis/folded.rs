@@ -29,21 +29,23 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Writes the folded stacks in chunks of about `CHUNK_BYTES`, so that a large flame
 /// graph is sent as it is written instead of held whole. `emit` answers false to stop.
 pub fn write_collapsed(tree: &FlameTree, mut emit: impl FnMut(&str) -> bool) {
+    use std::fmt::Write as _;
+    // Each distinct frame is made a field once; lines are then plain copies.
+    let fields: Vec<std::borrow::Cow<'_, str>> =
+        tree.names().iter().map(|name| field(name)).collect();
     let mut out = String::with_capacity(CHUNK_BYTES + 4096);
     let mut open = true;
-    tree.for_each_stack(|stack, count| {
+    tree.for_each_path(|path, count| {
         if !open {
             return;
         }
-        for (index, frame) in stack.iter().enumerate() {
+        for (index, &node) in path.iter().enumerate() {
             if index > 0 {
                 out.push(';');
             }
-            out.push_str(&field(frame));
+            out.push_str(&fields[tree.name_id(node) as usize]);
         }
-        out.push(' ');
-        out.push_str(&count.to_string());
-        out.push('\n');
+        let _ = writeln!(out, " {count}");
         if out.len() >= CHUNK_BYTES {
             open = emit(&out);
             out.clear();

@@ -4,11 +4,11 @@
 //! the agent sent one (Java `class.method:line`, Python `file.func: line`), becomes the
 //! location's line; functions and locations are shared by every stack that has them.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 
 use prost::Message as _;
 
+use super::flame::FastMap;
 use super::FlameTree;
 use crate::proto::pprof;
 
@@ -36,18 +36,18 @@ pub fn split_frame(frame: &str) -> (&str, &str, i64) {
 /// Builds the profile's string table, functions and locations as stacks come by.
 struct ProfileBuilder<'a> {
     profile: pprof::Profile,
-    strings: HashMap<&'a str, i64>,
-    functions: HashMap<&'a str, u64>,
-    locations: HashMap<(u64, i64), u64>,
+    strings: FastMap<&'a str, i64>,
+    functions: FastMap<&'a str, u64>,
+    locations: FastMap<(u64, i64), u64>,
 }
 
 impl<'a> ProfileBuilder<'a> {
     fn new() -> ProfileBuilder<'a> {
         let mut builder = ProfileBuilder {
             profile: pprof::Profile::default(),
-            strings: HashMap::new(),
-            functions: HashMap::new(),
-            locations: HashMap::new(),
+            strings: FastMap::default(),
+            functions: FastMap::default(),
+            locations: FastMap::default(),
         };
         builder.string("");
         builder
@@ -136,12 +136,21 @@ pub fn encode(
     builder.profile.time_nanos = start_time_ms.saturating_mul(NANOS_PER_MILLI);
     builder.profile.duration_nanos = duration_ms.saturating_mul(NANOS_PER_MILLI);
 
+    // A frame's location is resolved once per distinct frame, not once per stack it
+    // is in (0 = not resolved yet; pprof ids start at 1).
+    let mut location_by_name = vec![0u64; tree.names().len()];
     let mut profile_samples = Vec::new();
     tree.for_each_path(|path, samples| {
         let location_id: Vec<u64> = path
             .iter()
             .rev()
-            .map(|&node| builder.location(tree.name(node)))
+            .map(|&node| {
+                let slot = &mut location_by_name[tree.name_id(node) as usize];
+                if *slot == 0 {
+                    *slot = builder.location(tree.name(node));
+                }
+                *slot
+            })
             .collect();
         let samples = i64::try_from(samples).unwrap_or(i64::MAX);
         profile_samples.push(pprof::Sample {

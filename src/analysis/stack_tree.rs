@@ -10,10 +10,11 @@
 //! one segment could continue sequence 2 of another). Trees are ordered by count, and
 //! children by count then first appearance (SkyWalking's order is a hash map's).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::flame::FastMap;
 use crate::model::SnapshotRecord;
 
 /// The tip when no snapshot matched.
@@ -59,7 +60,7 @@ struct Node<'a> {
 struct TreeBuilder<'a> {
     nodes: Vec<Node<'a>>,
     /// (parent, code signature) → child.
-    edges: HashMap<(u32, &'a str), u32>,
+    edges: FastMap<(u32, &'a str), u32>,
 }
 
 impl<'a> TreeBuilder<'a> {
@@ -70,7 +71,7 @@ impl<'a> TreeBuilder<'a> {
                 detected_by: Vec::new(),
                 children: Vec::new(),
             }],
-            edges: HashMap::new(),
+            edges: FastMap::default(),
         }
     }
 
@@ -179,7 +180,7 @@ pub fn analyze(snapshots: &[SnapshotRecord], found: u64, limit: usize) -> Analys
     };
     // Each key once, stacks that have a root only, in (task, segment, sequence) order so
     // that every node's snapshots come in run order.
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::with_hasher(foldhash::fast::RandomState::default());
     let mut sorted: Vec<&SnapshotRecord> = snapshots
         .iter()
         .take(limit)
@@ -194,7 +195,7 @@ pub fn analyze(snapshots: &[SnapshotRecord], found: u64, limit: usize) -> Analys
         ))
     });
     let mut builders: Vec<TreeBuilder<'_>> = Vec::new();
-    let mut by_root: HashMap<&str, usize> = HashMap::new();
+    let mut by_root: FastMap<&str, usize> = FastMap::default();
     for (index, snapshot) in sorted.iter().enumerate() {
         let root = snapshot.stack[0].as_str();
         let tree = *by_root.entry(root).or_insert_with(|| {

@@ -91,7 +91,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many snapshots match (each key once).
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError>;
-    /// Matching snapshots in (task, segment, sequence) order, at most `limit`.
+    /// Matching snapshots in (task, segment, sequence) order, at most `limit` (with only
+    /// a segment given: in sequence order, then task).
     async fn snapshots(
         &self,
         filter: &SnapshotFilter,

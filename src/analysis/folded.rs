@@ -16,7 +16,7 @@ fn field(frame: &str) -> std::borrow::Cow<'_, str> {
 /// The tree's stacks, hottest branches first, each with its self samples.
 pub fn collapsed(tree: &FlameTree) -> String {
     let mut out = String::new();
-    write_folded(tree, usize::MAX, |chunk| {
+    write_collapsed(tree, |chunk| {
         out.push_str(chunk);
         true
     });
@@ -28,17 +28,12 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Writes the folded stacks in chunks of about `CHUNK_BYTES`, so that a large flame
 /// graph is sent as it is written instead of held whole. `emit` answers false to stop.
-pub fn write_collapsed(tree: &FlameTree, emit: impl FnMut(&str) -> bool) {
-    write_folded(tree, CHUNK_BYTES, emit);
-}
-
-/// The folded text in chunks of at least `chunk_bytes` (the last may be shorter).
-fn write_folded(tree: &FlameTree, chunk_bytes: usize, mut emit: impl FnMut(&str) -> bool) {
+pub fn write_collapsed(tree: &FlameTree, mut emit: impl FnMut(&str) -> bool) {
     use std::fmt::Write as _;
     // Each distinct frame is made a field once; lines are then plain copies.
     let fields: Vec<std::borrow::Cow<'_, str>> =
         tree.names().iter().map(|name| field(name)).collect();
-    let mut out = String::with_capacity(chunk_bytes.min(CHUNK_BYTES) + 4096);
+    let mut out = String::with_capacity(CHUNK_BYTES + 4096);
     let mut open = true;
     tree.for_each_path(|path, count| {
         if !open {
@@ -51,7 +46,7 @@ fn write_folded(tree: &FlameTree, chunk_bytes: usize, mut emit: impl FnMut(&str)
             out.push_str(&fields[tree.name_id(node) as usize]);
         }
         let _ = writeln!(out, " {count}");
-        if out.len() >= chunk_bytes {
+        if out.len() >= CHUNK_BYTES {
             open = emit(&out);
             out.clear();
         }

@@ -281,34 +281,6 @@ impl ClickHouseStore {
         self.version
     }
 
-    /// A filter by segment alone, given the segment's task when it has one: the table
-    /// is ordered by (task, segment, sequence), so with the task ClickHouse reads the
-    /// segment's range of the key instead of every row (with FINAL, 316 ms against a
-    /// few tens for 12,000 snapshots among a million). Finding the task reads the two id
-    /// columns only.
-    async fn with_segment_task(
-        &self,
-        filter: &SnapshotFilter,
-    ) -> Result<SnapshotFilter, StoreError> {
-        let (None, Some(segment_id)) = (&filter.task_id_opt, &filter.segment_id_opt) else {
-            return Ok(filter.clone());
-        };
-        let tasks = self
-            .client
-            .query(
-                "SELECT DISTINCT task_id FROM profile_thread_snapshot WHERE segment_id = ? LIMIT 2",
-            )
-            .bind(segment_id)
-            .fetch_all::<String>()
-            .await
-            .map_err(map_error)?;
-        let mut filter = filter.clone();
-        if let [task_id] = tasks.as_slice() {
-            filter.task_id_opt = Some(task_id.clone());
-        }
-        Ok(filter)
-    }
-
     async fn insert_rows<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), StoreError>
     where
         T: Row + clickhouse::RowWrite,
@@ -532,8 +504,7 @@ impl Store for ClickHouseStore {
         filter: &SnapshotFilter,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let filter = self.with_segment_task(filter).await?;
-        let (where_sql, values) = snapshot_where(&filter);
+        let (where_sql, values) = snapshot_where(filter);
         let rows = bind_filter(
             self.client.query(&format!(
                 "SELECT ?fields FROM profile_thread_snapshot FINAL {where_sql} \

@@ -711,3 +711,42 @@ async fn test_analysis_on_clickhouse() {
     check_everything(&server).await;
     common::clickhouse(&format!("DROP DATABASE IF EXISTS {database}")).await;
 }
+
+/// A limit of 2: the analysis reads the first two snapshots by sequence even where the
+/// store has to fall back from its fast read (ClickHouse reads at most 2 × limit + 1
+/// rows as they lie, and s1 has 6 with its re-sent one).
+async fn check_small_limit(server: &Server) {
+    let fixture = load_fixture(server).await;
+    let (status, body) = server
+        .get(&format!("/api/v1/analysis?segment={}", fixture.s1))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"trees": [{"elements": [
+            element(1, 0, MAIN, 2, 10, 0),
+            element(2, 1, LIST, 2, 10, 0),
+            element(3, 2, QUERY, 2, 10, 10),
+        ]}], "tip": "Out of snapshot analyze limit, 5 snapshots found, but analysis first 2 snapshots only."})
+    );
+}
+
+#[tokio::test]
+async fn test_analysis_limit_on_sqlite() {
+    let server = Server::start(&[("SKYSNAP_ANALYSIS_MAX_SNAPSHOTS", "2")]);
+    check_small_limit(&server).await;
+}
+
+#[tokio::test]
+async fn test_analysis_limit_on_clickhouse() {
+    let database = fresh_database("analysis_limit");
+    let url = clickhouse_url();
+    let server = Server::start(&[
+        ("SKYSNAP_STORE_KIND", "clickhouse"),
+        ("SKYSNAP_CLICKHOUSE_URL", url.as_str()),
+        ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
+        ("SKYSNAP_ANALYSIS_MAX_SNAPSHOTS", "2"),
+    ]);
+    check_small_limit(&server).await;
+    common::clickhouse(&format!("DROP DATABASE IF EXISTS {database}")).await;
+}

@@ -536,16 +536,18 @@ def store_reads(kind, database, sqlite_path, task_id, segment_id):
                 f"WHERE {segment} ORDER BY task_id, segment_id, sequence "
                 f"LIMIT {SEGMENT_SNAPSHOTS} FORMAT RowBinary")
         plain_rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack FROM {table} "
-                      f"WHERE {segment} FORMAT RowBinary")
+                      f"WHERE {segment} LIMIT {2 * SEGMENT_SNAPSHOTS + 1} FORMAT RowBinary")
         flame = (f"SELECT stack, uniqExact(task_id, segment_id, sequence) AS count FROM {table} "
                  f"WHERE {task} GROUP BY stack FORMAT RowBinary")
         dedup_first = (f"SELECT stack, count() AS count FROM (SELECT stack FROM {table} WHERE {task} "
                        "LIMIT 1 BY task_id, segment_id, sequence) GROUP BY stack FORMAT RowBinary")
         stacks_only = f"SELECT count() FROM {table} WHERE {task} AND NOT ignore(stack)"
         cases = [
-            ("the store's two queries (count, then `FINAL … ORDER BY` of the rows)", "analysis",
+            ("the store's two queries (count, then the rows as they lie, at most 2 × limit + 1; "
+             "skysnap orders them)", "analysis",
+             lambda: (clickhouse_read(count), clickhouse_read(plain_rows))),
+            ("the earlier queries (count, then `FINAL … ORDER BY` of the rows)", "analysis",
              lambda: (clickhouse_read(count), clickhouse_read(rows))),
-            ("the segment's rows without `FINAL` and `ORDER BY`", "analysis", lambda: clickhouse_read(plain_rows)),
             ("the store's query (`GROUP BY stack`, each key once by `uniqExact` of the key)", "flame",
              lambda: clickhouse_read(flame)),
             ("the earlier query (`LIMIT 1 BY` the key, then `GROUP BY stack`)", "flame",

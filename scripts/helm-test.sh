@@ -134,8 +134,10 @@ for set in "${value_sets[@]}"; do
   done
 
   if "$HELM" template skysnap "$notes_chart" "${values[@]}" --namespace skysnap \
-       --show-only templates/notes-test.yaml 2>"$work/err" | grep -q 'collector.backend_service=skysnap.skysnap.svc:'; then
-    pass "$name: NOTES.txt renders"
+       --show-only templates/notes-test.yaml 2>"$work/err" >"$work/notes"
+     grep -q 'collector.backend_service=skysnap.skysnap.svc:' "$work/notes" \
+       && grep -q 'then open http://127.0.0.1:' "$work/notes"; then
+    pass "$name: NOTES.txt renders, with the agents' address and the page's port-forward"
   else
     fail "$name: NOTES.txt renders"; cat "$work/err"
   fi

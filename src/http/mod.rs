@@ -4,6 +4,7 @@
 pub mod analysis;
 pub mod api;
 pub mod error;
+pub mod page;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/", get(page::index))
+        .route("/assets/{*path}", get(page::asset))
         .fallback(api::not_found)
         .with_state(state)
 }

@@ -305,6 +305,10 @@ def main():
         c.check("Service ports are 11800/12800/1234 unless ports.* changed",
                 [ports.get(n, {}).get("port") for n in ("grpc", "http", "metrics")] == [11800, 12800, 1234],
                 f"{ {n: p.get('port') for n, p in ports.items()} }")
+        page = svc["metadata"].get("annotations", {}).get("skysnap.io/page", "")
+        c.check("Service points at the profiling page on its http port",
+                page.startswith(f"http://{svc['metadata']['name']}.")
+                and page.endswith(f":{ports.get('http', {}).get('port')}/"), f"{page!r}")
         if receivers:
             sel = svc["spec"]["selector"]
             pod_labels = receivers[0]["spec"]["template"]["metadata"]["labels"]

@@ -1,0 +1,478 @@
+// skysnap's profiling page: plain functions over /api/v1, d3-flame-graph for the graphs.
+const $ = (sel) => document.querySelector(sel);
+const state = { tasks: [], task: null, filter: null, segment: null, charts: {}, timer: null };
+
+// ---- helpers -------------------------------------------------------------------------
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function row(cells, cls) {
+  const tr = el('tr', null, cls);
+  for (const c of cells) {
+    const td = c instanceof Node ? c : el('td', c);
+    tr.append(td);
+  }
+  return tr;
+}
+
+function td(text, cls, title) {
+  const e = el('td', text, cls);
+  if (title) e.title = title;
+  return e;
+}
+
+// For the only HTML strings (the library's tooltips).
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+const pad = (n, w = 2) => String(n).padStart(w, '0');
+function fmtTime(ms, withMs) {
+  if (!ms) return '';
+  const d = new Date(ms);
+  const s = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return withMs ? `${s}.${pad(d.getMilliseconds(), 3)}` : s;
+}
+const int = (n) => String(Math.round(n));
+const pct = (a, b) => (b ? (100 * a / b).toFixed(1) : '0.0') + '%';
+// datetime-local value <-> epoch ms (local time).
+const fromLocal = (v) => (v ? new Date(v).getTime() : null);
+
+function taskState(t, now = Date.now()) {
+  if (now < t.start_time) return 'waiting';
+  if (now < t.start_time + t.duration * 60000) return 'running';
+  return 'finished';
+}
+
+function setStatus(text) {
+  $('#status').textContent = text || '';
+  $('#status').classList.toggle('shown', !!text);
+}
+
+// ---- the API ---------------------------------------------------------------------------
+
+const token = () => sessionStorage.getItem('skysnap-token') || '';
+const authHeaders = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
+
+// Calls /api/v1 + path; answers the JSON. A 401 opens the token dialog, any other failure
+// shows its reason in #status (unless quiet) and throws an Error with .status.
+async function api(path, init = {}, quiet = false) {
+  let resp;
+  try {
+    resp = await fetch('/api/v1' + path, { ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
+  } catch (e) {
+    setStatus(`skysnap unreachable: ${e.message}`);
+    throw e;
+  }
+  if (resp.ok) return resp.json();
+  let reason = `${resp.status} ${resp.statusText}`;
+  try { reason = (await resp.json()).error || reason; } catch (_) { /* not JSON */ }
+  const err = Object.assign(new Error(reason), { status: resp.status });
+  if (resp.status === 401) showTokenDialog();
+  else if (!quiet) setStatus(reason);
+  throw err;
+}
+
+const ignore = () => {}; // errors already shown by api()
+
+function showTokenDialog() {
+  const d = $('#token-dialog');
+  if (d.hidden) { d.hidden = false; $('#token-input').focus(); }
+}
+
+async function submitToken(ev) {
+  ev.preventDefault();
+  const entered = $('#token-input').value.trim();
+  const resp = await fetch('/api/v1/tasks', { headers: { Authorization: `Bearer ${entered}` } });
+  if (resp.status === 401) {
+    $('#token-error').textContent = 'wrong or missing admin token';
+    return;
+  }
+  sessionStorage.setItem('skysnap-token', entered);
+  $('#token-error').textContent = '';
+  $('#token-dialog').hidden = true;
+  setStatus('');
+  loadAll();
+}
+
+// ---- flame graphs ------------------------------------------------------------------------
+
+// One chart per element: the first draw binds the data, later draws update it.
+function draw(id, data, setup) {
+  let chart = state.charts[id];
+  if (!chart) {
+    const box = document.getElementById(id);
+    chart = flamegraph.default()
+      .width(Math.max(300, box.clientWidth || 800))
+      .cellHeight(18)
+      .transitionDuration(250)
+      .minFrameSize(1);
+    setup(chart);
+    state.charts[id] = chart;
+    d3.select(box).datum(data).call(chart);
+  } else {
+    chart.update(data);
+  }
+  return chart;
+}
+
+function sampleTooltip(getTotal, getPeriod) {
+  return flamegraph.tooltip.defaultFlamegraphTooltip().html((d) => {
+    const v = d.data.value;
+    return `<div class="tip-name">${esc(d.data.name)}</div>` +
+      `<div>${int(v)} samples · ${pct(v, getTotal())} of total · ${int(v * getPeriod())} ms sampled</div>`;
+  });
+}
+
+const substring = (d, term) => !!term && String(d.data.name).toLowerCase().includes(term.toLowerCase());
+
+function setupTaskChart(chart) {
+  chart.setSearchMatch(substring)
+    .setSearchHandler((results, sum, total) => {
+      $('#flame-search-result').textContent = $('#flame-search').value
+        ? `${sum} of ${total} snapshots (${pct(sum, total)}) match` : '';
+    })
+    .tooltip(sampleTooltip(() => state.flameTotal || 0, () => state.task?.dump_period || 0));
+}
+
+function applySearch() {
+  const chart = state.charts.flame;
+  if (!chart) return;
+  const term = $('#flame-search').value;
+  if (term) chart.search(term);
+  else { chart.clear(); $('#flame-search-result').textContent = ''; }
+}
+
+function flameQuery(format) {
+  const q = new URLSearchParams({ format });
+  if (state.filter) { q.set('start', state.filter.start); q.set('end', state.filter.end); }
+  return `/tasks/${encodeURIComponent(state.task.id)}/flamegraph?${q}`;
+}
+
+async function loadFlame() {
+  const id = state.task.id;
+  const data = await api(flameQuery('json'));
+  if (state.task?.id !== id) return;
+  state.flameTotal = data.value;
+  $('#flame-total').textContent = `${data.value} snapshots`;
+  $('#flame-extra').textContent = `· ${int(data.wall_ms)} ms sampled` +
+    (data.truncated_samples ? ` · ${int(data.truncated_samples)} samples cut (too many frames)` : '') +
+    (data.value ? '' : ' · nothing sampled yet');
+  draw('flame', data, setupTaskChart);
+  applySearch();
+  for (const [aid, fmt] of [['download-collapsed', 'collapsed'], ['download-pprof', 'pprof']]) {
+    $('#' + aid).href = '/api/v1' + flameQuery(fmt);
+    $('#' + aid).download = `${state.task.service}-${id.slice(0, 8)}.${fmt === 'pprof' ? 'pb.gz' : 'folded'}`;
+  }
+}
+
+// With a token the Bearer header must go along, which a plain link cannot do.
+async function download(ev) {
+  if (!token()) return;
+  ev.preventDefault();
+  const a = ev.currentTarget;
+  const resp = await fetch(a.href, { headers: authHeaders() });
+  if (!resp.ok) { setStatus(`download failed: ${resp.status}`); return; }
+  const url = URL.createObjectURL(await resp.blob());
+  const tmp = Object.assign(document.createElement('a'), { href: url, download: a.download });
+  document.body.append(tmp); tmp.click(); tmp.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+function applyRange() {
+  const t = state.task;
+  const s = fromLocal($('#flame-start').value), e = fromLocal($('#flame-end').value);
+  if (s === null && e === null) state.filter = null;
+  else {
+    const start = s ?? t.start_time;
+    const end = e !== null ? e + 999 : t.start_time + t.duration * 60000;
+    if (end < start) { setStatus('time range: the end is before the start'); return; }
+    state.filter = { start, end };
+  }
+  setStatus('');
+  loadFlame().catch(ignore);
+}
+
+// ---- services and tasks -----------------------------------------------------------------
+
+async function loadServices() {
+  const services = await api('/services');
+  const box = $('#services');
+  box.replaceChildren();
+  if (!services.length) box.append(el('p', 'No agent has reported yet.', 'hint'));
+  for (const s of services) {
+    const div = el('div', null, 'service');
+    div.dataset.service = s.service;
+    const name = el('div', s.service, 'service-name');
+    name.title = 'use in the new task form';
+    name.addEventListener('click', () => { $('#task-form').elements.service.value = s.service; });
+    div.append(name);
+    for (const i of s.instances) {
+      const lang = (i.properties || []).find(([k]) => k === 'language');
+      const inst = el('div', i.name + (lang ? ` · ${lang[1]}` : ''), 'instance');
+      inst.title = `${i.name}\nlast seen ${fmtTime(i.last_seen)}\n` +
+        (i.properties || []).map(([k, v]) => `${k}: ${v}`).join('\n');
+      div.append(inst);
+    }
+    box.append(div);
+  }
+}
+
+async function loadTasks() {
+  state.tasks = await api('/tasks');
+  const body = $('#tasks tbody');
+  body.replaceChildren();
+  const now = Date.now();
+  for (const t of state.tasks) {
+    const st = taskState(t, now);
+    const tr = row([td(t.service, 'ellipsis', t.service), td(t.endpoint_name, 'ellipsis', t.endpoint_name),
+      td(fmtTime(t.start_time).slice(5, 16), 'nowrap', fmtTime(t.start_time)), td(t.duration, 'num'), td(null)], 'task');
+    tr.lastChild.append(el('span', st, `task-state badge ${st}`));
+    tr.dataset.taskId = t.id;
+    tr.classList.toggle('selected', state.task?.id === t.id);
+    tr.addEventListener('click', () => pickTask(t.id));
+    body.append(tr);
+  }
+  if (!state.tasks.length) body.append(row([el('td', 'No task yet.')], 'hint'));
+  fillCompare();
+}
+
+function pickTask(id) {
+  if (location.hash === `#task=${id}`) openTask(id).catch(ignore);
+  else location.hash = `task=${id}`;
+}
+
+function fillCompare() {
+  const sel = $('#compare-task');
+  const keep = sel.value;
+  sel.replaceChildren();
+  for (const t of state.tasks) {
+    if (t.id === state.task?.id) continue;
+    sel.append(new Option(`${t.service} ${t.endpoint_name} · ${fmtTime(t.start_time)}`, t.id));
+  }
+  if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  $('#compare-go').disabled = !sel.options.length;
+}
+
+async function createTask(ev) {
+  ev.preventDefault();
+  const f = ev.target.elements;
+  const num = (name) => (f[name].value.trim() === '' ? 0 : Number(f[name].value));
+  const body = {
+    service: f.service.value.trim(),
+    endpoint_name: f.endpoint_name.value.trim(),
+    duration: num('duration'),
+    min_duration_threshold: num('min_duration_threshold'),
+    dump_period: num('dump_period'),
+    max_sampling_count: num('max_sampling_count'),
+  };
+  if (f.start_time.value) body.start_time = fromLocal(f.start_time.value);
+  $('#task-form-error').textContent = '';
+  try {
+    const task = await api('/tasks', {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body),
+    }, true);
+    await loadTasks();
+    pickTask(task.id);
+  } catch (e) {
+    if (e.status !== 401) $('#task-form-error').textContent = e.message;
+  }
+}
+
+// ---- the open task ----------------------------------------------------------------------
+
+async function openTask(id) {
+  if (!id) return;
+  const task = await api(`/tasks/${encodeURIComponent(id)}`);
+  const changed = state.task?.id !== task.id;
+  state.task = task;
+  if (changed) {
+    state.filter = null; state.segment = null;
+    $('#flame-start').value = ''; $('#flame-end').value = '';
+    $('#segment-view').hidden = true; $('#diff-view').hidden = true;
+  }
+  $('#empty-hint').hidden = true;
+  $('#task-view').hidden = false;
+  for (const tr of document.querySelectorAll('tr.task')) tr.classList.toggle('selected', tr.dataset.taskId === id);
+  renderTitle();
+  fillCompare();
+  await Promise.all([loadLogs(), loadFlame(), loadSegments()]);
+}
+
+function renderTitle() {
+  const t = state.task, st = taskState(t);
+  const box = $('#task-title');
+  box.replaceChildren();
+  const h = el('h2');
+  h.append(el('span', t.service, 'svc'), el('span', t.endpoint_name, 'endpoint'), el('span', st, `task-state badge ${st}`));
+  const meta = el('div', `started ${fmtTime(t.start_time)} · ${t.duration} min · dump every ${t.dump_period} ms · ` +
+    `slower than ${t.min_duration_threshold} ms · at most ${t.max_sampling_count} per instance · id ${t.id}`, 'muted');
+  box.append(h, meta);
+}
+
+async function loadLogs() {
+  const id = state.task.id;
+  const logs = await api(`/tasks/${encodeURIComponent(id)}/logs`);
+  if (state.task?.id !== id) return;
+  logs.sort((a, b) => a.instance.localeCompare(b.instance) || a.operation_time - b.operation_time);
+  const body = $('#task-logs tbody');
+  body.replaceChildren(...logs.map((l) => row([td(l.instance, 'ellipsis', l.instance), td(l.operation),
+    td(fmtTime(l.operation_time, true))], 'log')));
+  if (!logs.length) body.append(row([el('td', 'No agent instance has taken this task yet.')], 'hint'));
+}
+
+async function loadSegments() {
+  const id = state.task.id;
+  const segs = await api(`/tasks/${encodeURIComponent(id)}/segments`);
+  if (state.task?.id !== id) return;
+  const body = $('#segments tbody');
+  body.replaceChildren();
+  for (const s of segs) {
+    const tr = row([td(s.segment_id, 'ellipsis mono', s.segment_id), td(int(s.snapshot_count), 'num'),
+      td(fmtTime(s.first_dump_time, true)), td(fmtTime(s.last_dump_time, true)),
+      td(int(s.last_dump_time - s.first_dump_time), 'num')], 'segment');
+    tr.dataset.segmentId = s.segment_id;
+    tr.classList.toggle('selected', s.segment_id === state.segment);
+    tr.addEventListener('click', () => openSegment(s.segment_id).catch(ignore));
+    body.append(tr);
+  }
+  if (!segs.length) body.append(row([el('td', 'No profiled segment yet.')], 'hint'));
+}
+
+// ---- a segment: stack tree and flame graph ----------------------------------------------
+
+async function openSegment(seg) {
+  state.segment = seg;
+  for (const tr of document.querySelectorAll('tr.segment')) tr.classList.toggle('selected', tr.dataset.segmentId === seg);
+  $('#segment-view').hidden = false;
+  $('#segment-name').textContent = seg;
+  const q = encodeURIComponent(seg);
+  const [analysis, flame] = await Promise.all([
+    api(`/analysis?segment=${q}`),
+    api(`/tasks/${encodeURIComponent(state.task.id)}/flamegraph?segment=${q}`),
+  ]);
+  if (state.segment !== seg) return;
+  renderStackTree(analysis);
+  state.segTotal = flame.value;
+  draw('segment-flame', flame, (chart) => chart.tooltip(
+    sampleTooltip(() => state.segTotal || 0, () => state.task?.dump_period || 0)));
+  $('#segment-view').scrollIntoView({ behavior: 'smooth', block: 'start' });
+}
+
+function renderStackTree(analysis) {
+  $('#stack-tree-tip').textContent = analysis.tip || '';
+  const body = $('#stack-tree tbody');
+  body.replaceChildren();
+  analysis.trees.forEach((tree, ti) => {
+    const kids = new Map();
+    for (const e of tree.elements) {
+      if (!kids.has(e.parent_id)) kids.set(e.parent_id, []);
+      kids.get(e.parent_id).push(e);
+    }
+    // Hottest first; the stable sort keeps the API's order among equals.
+    for (const list of kids.values()) list.sort((a, b) => b.count - a.count);
+    const walk = (e, depth) => {
+      const children = kids.get(e.id) || [];
+      const sig = el('td', null, 'sig');
+      sig.style.paddingLeft = `${0.3 + depth * 1.1}em`;
+      sig.title = e.code_signature;
+      const toggle = el('span', children.length ? '▾' : '', children.length ? 'toggle' : 'leaf');
+      sig.append(toggle, el('span', e.code_signature));
+      const tr = row([sig, td(int(e.count), 'num count'), td(int(e.duration), 'num duration'),
+        td(int(e.duration_child_excluded), 'num self')], 'stack-node');
+      Object.assign(tr.dataset, { id: e.id, parentId: e.parent_id, tree: ti });
+      if (children.length) toggle.addEventListener('click', () => toggleNode(tr));
+      body.append(tr);
+      for (const c of children) walk(c, depth + 1);
+    };
+    for (const root of kids.get(0) || []) walk(root, 0);
+  });
+}
+
+function toggleNode(tr) {
+  tr.classList.toggle('collapsed');
+  tr.querySelector('.toggle').textContent = tr.classList.contains('collapsed') ? '▸' : '▾';
+  // A row is hidden when any ancestor in its tree is collapsed.
+  const rows = [...document.querySelectorAll('#stack-tree tr.stack-node')];
+  const byKey = new Map(rows.map((r) => [`${r.dataset.tree}:${r.dataset.id}`, r]));
+  for (const r of rows) {
+    let p = byKey.get(`${r.dataset.tree}:${r.dataset.parentId}`), hide = false;
+    while (p && !hide) { hide = p.classList.contains('collapsed'); p = byKey.get(`${p.dataset.tree}:${p.dataset.parentId}`); }
+    r.hidden = hide;
+  }
+}
+
+// ---- compare ------------------------------------------------------------------------------
+
+// Widths: the chosen task's samples (this task's for frames gone from it). The library sums
+// each node's own delta over its subtree (computeDelta) and colours by delta / value, so a
+// node carries its own part of the change in share, in samples of the drawn scale.
+function diffNode(n, scale) {
+  const change = (x) => (x.target_share - x.base_share) * scale;
+  const children = (n.children || []).map((c) => diffNode(c, scale));
+  return {
+    name: n.name, base: n.base, target: n.target, base_share: n.base_share, target_share: n.target_share,
+    value: n.target || n.base,
+    delta: change(n) - (n.children || []).reduce((s, c) => s + change(c), 0),
+    children,
+  };
+}
+
+async function compare() {
+  const target = $('#compare-task').value;
+  if (!target || !state.task) return;
+  const q = new URLSearchParams({ base: state.task.id, target });
+  const diff = await api(`/flamegraph/diff?${q}`);
+  $('#diff-view').hidden = false;
+  $('#diff-tip').textContent = diff.tip || '';
+  draw('diff-flame', diffNode(diff.tree, diff.target_total || diff.base_total), (chart) => chart
+    .computeDelta(true)
+    .getDelta((n) => n.data.delta || 0)
+    .setColorMapper(flamegraph.colorMapper.differentialColorMapper)
+    .tooltip(flamegraph.tooltip.defaultFlamegraphTooltip().html((d) => {
+      const x = d.data, pp = ((x.target_share - x.base_share) * 100).toFixed(1);
+      return `<div class="tip-name">${esc(x.name)}</div>` +
+        `<div>this task: ${int(x.base)} (${(100 * x.base_share).toFixed(1)}%) · chosen: ${int(x.target)} ` +
+        `(${(100 * x.target_share).toFixed(1)}%) · ${pp > 0 ? '+' : ''}${pp} points</div>`;
+    })));
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+
+function loadAll() {
+  loadServices().catch(ignore);
+  loadTasks().then(() => openTask(hashTask())).catch(ignore);
+}
+
+// Task states move with the clock; a running task's graph, logs and segments refresh.
+function tick() {
+  if (!$('#token-dialog').hidden) return;
+  loadTasks().catch(ignore);
+  loadServices().catch(ignore);
+  if (state.task) {
+    renderTitle();
+    if (taskState(state.task) === 'running') Promise.all([loadFlame(), loadLogs(), loadSegments()]).catch(ignore);
+  }
+}
+
+$('#token-dialog').addEventListener('submit', (ev) => submitToken(ev).catch((e) => setStatus(e.message)));
+$('#task-form').addEventListener('submit', createTask);
+$('#flame-search').addEventListener('input', applySearch);
+$('#flame-reset').addEventListener('click', () => state.charts.flame?.resetZoom());
+$('#flame-apply').addEventListener('click', applyRange);
+$('#download-collapsed').addEventListener('click', download);
+$('#download-pprof').addEventListener('click', download);
+$('#compare-go').addEventListener('click', () => compare().catch(ignore));
+window.addEventListener('hashchange', () => openTask(hashTask()).catch(ignore));
+loadAll();
+setInterval(tick, 5000);
+
+function hashTask() {
+  const m = location.hash.match(/^#task=(.+)$/);
+  return m ? decodeURIComponent(m[1]) : null;
+}

@@ -4,7 +4,8 @@
 # (Debian's package) and Apache Kafka (KRaft, jars from Maven Central) on loopback, runs the unit and integration tests (the real
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
-# (apache-skywalking==1.2.0), and the offline Helm chart checks (helm built with
+# (apache-skywalking==1.2.0), the browser test of the profiling page (Debian's chromium
+# driven by Playwright's Python client), and the offline Helm chart checks (helm built with
 # `go install`, kubernetes-validate). Stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +66,19 @@ fi
 
 step "end-to-end with the SkyWalking Python agent"
 SKYSNAP_BIN="$PWD/target/debug/skysnap" "$venv/bin/python" -m pytest -p no:cacheprovider tests/e2e -v
+
+step "browser test of the profiling page (system Chromium, Playwright)"
+if [ ! -x /usr/bin/chromium ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+browser_venv=.venv-browser
+if ! "$browser_venv/bin/python" -c 'import skywalking.protocol.profile.Profile_pb2, pytest, playwright.sync_api' 2>/dev/null; then
+  python3 -m venv "$browser_venv"
+  # Only the Python client: the browser is Debian's chromium, never `playwright install`.
+  "$browser_venv/bin/pip" install --quiet --disable-pip-version-check 'apache-skywalking==1.2.0' 'pytest>=7' playwright
+fi
+SKYSNAP_BIN="$PWD/target/debug/skysnap" "$browser_venv/bin/python" -m pytest -p no:cacheprovider tests/browser -v
 
 step "all tests passed"

@@ -111,7 +111,10 @@ function draw(id, data, setup) {
       .width(Math.max(300, box.clientWidth || 800))
       .cellHeight(18)
       .transitionDuration(250)
-      .minFrameSize(1);
+      .minFrameSize(1)
+      // Recompute the height on every update: a graph first drawn empty (a new task)
+      // would otherwise keep that height and draw deeper frames outside its box.
+      .resetHeightOnZoom(true);
     setup(chart);
     state.charts[id] = chart;
     d3.select(box).datum(data).call(chart);

@@ -24,6 +24,7 @@ Environment variables (all optional; defaults in brackets):
     SW_AGENT_LOGGING_LEVEL   agent's own log level (DEBUG shows each poll)           [WARNING]
     SW_AGENT_DISABLE_PLUGINS plugin modules not to install (regexes)             [sw_(?!http_server$)]
     SLOW_SECONDS             how long /slow spends in skysnap_sleepy_handler         [1.0]
+    BUSY_SECONDS             how long /busy spins in skysnap_busy_handler            [1.0]
 
 The meter and log reporters are switched off (SW_AGENT_METER_REPORTER_ACTIVE=False,
 SW_AGENT_LOG_REPORTER_ACTIVE=False), so the agent only calls ManagementService
@@ -31,6 +32,8 @@ SW_AGENT_LOG_REPORTER_ACTIVE=False), so the agent only calls ManagementService
 
 Endpoints:
     GET /slow   sleeps SLOW_SECONDS inside skysnap_sleepy_handler (entry span op name: "/slow")
+    GET /busy   spins in pure Python for BUSY_SECONDS inside skysnap_busy_handler ("/busy";
+                a different hot function than /slow, for the browser test's diff)
     GET /ping   returns immediately ("/ping")
     Query strings are stripped from the span operation name ("/slow?x=1" -> "/slow").
 
@@ -81,6 +84,7 @@ agent.start()  # installs the http.server plugin (skywalking/plugins/sw_http_ser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 SLOW_SECONDS = float(os.environ.get('SLOW_SECONDS', '1.0'))
+BUSY_SECONDS = float(os.environ.get('BUSY_SECONDS', '1.0'))
 
 
 def skysnap_sleepy_handler(seconds):
@@ -88,6 +92,19 @@ def skysnap_sleepy_handler(seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def skysnap_busy_handler(seconds):
+    """Spins on the CPU so that /busy's stacks differ from /slow's. time.sleep(0) after
+    each short burst hands the GIL over, so the agent's sampling and reporting threads
+    keep their pace while three requests spin at once."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        for i in range(200):
+            n += i * i
+        time.sleep(0)
+    return n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -98,6 +115,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == '/slow':
             skysnap_sleepy_handler(SLOW_SECONDS)
             body = b'slow done\n'
+        elif path == '/busy':
+            skysnap_busy_handler(BUSY_SECONDS)
+            body = b'busy done\n'
         elif path == '/ping':
             body = b'pong\n'
         else:

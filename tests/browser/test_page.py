@@ -1,0 +1,340 @@
+"""Browser test of skysnap's profiling page against its DOM contract.
+
+The real `skysnap serve`, the real SkyWalking Python agent (tests/e2e/app.py) and the
+system Chromium. Two agent apps profile two endpoints with different hot functions:
+service 1 `/slow` (time in skysnap_sleepy_handler), service 2 `/busy` (time in
+skysnap_busy_handler), so that the diff of the two tasks has frames on both sides.
+Screenshots go to target/browser-shots/ and are copied to docs/screenshots/.
+"""
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from playwright.sync_api import expect
+
+from conftest import DOC_SHOTS, SHOTS, helpers
+
+wait_for, unique = helpers.wait_for, helpers.unique
+
+SLOW_FUNC = 'skysnap_sleepy_handler'
+BUSY_FUNC = 'skysnap_busy_handler'
+INVALID_DUMP_PERIOD = 'dump period must be greater than or equals 10 milliseconds'
+WAIT_MS = 30_000  # generous: the agent polls every 1 s and flushes snapshots every ~0.5 s
+
+# Classifies every drawn frame of an SVG flame graph by the colour its rect is painted with.
+FRAME_COLOURS_JS = """sel => [...document.querySelectorAll(sel + ' g.frame')].map(g => {
+    const rect = g.querySelector('rect');
+    const fill = rect ? getComputedStyle(rect).fill : '';
+    const m = fill.match(/rgba?\\((\\d+),\\s*(\\d+),\\s*(\\d+)/);
+    return {name: g.getAttribute('name') || '', fill,
+            rgb: m ? [+m[1], +m[2], +m[3]] : null};
+})"""
+
+
+def _flame_nodes(root):
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        yield node
+        pending.extend(node.get('children') or [])
+
+
+def _search_sum(root, term):
+    """d3-flame-graph's search sum: the values of matching nodes without a matching ancestor."""
+    term = term.lower()
+    total, pending = 0, [(root, False)]
+    while pending:
+        node, found_parent = pending.pop()
+        found = term in node['name'].lower()
+        if found and not found_parent:
+            total += node['value']
+        pending.extend((c, found_parent or found) for c in node.get('children') or [])
+    return total
+
+
+def _settled_segments(sk, tid, min_snapshots=5, quiet_s=1.5, timeout=30):
+    """Waits for a segment with >= min_snapshots, then until the list stops changing."""
+    wait_for(lambda: [s for s in sk.segments(tid) if s['snapshot_count'] >= min_snapshots],
+             timeout, f'a segment of task {tid} with >= {min_snapshots} snapshots')
+    last, since = None, time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        segs = sk.segments(tid)
+        key = sorted((s['segment_id'], s['snapshot_count']) for s in segs)
+        if key != last:
+            last, since = key, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return segs
+        time.sleep(0.25)
+    return sk.segments(tid)
+
+
+def _drive(app, path, n):
+    errors = []
+
+    def hit():
+        try:
+            status, _ = app.get(path)
+            assert status == 200, status
+        except Exception as e:  # noqa: BLE001
+            errors.append(f'{path}: {e!r}')
+    threads = [threading.Thread(target=hit) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def _preorder_counts(elements):
+    """The analysis elements in tree order (parent, then its children in the API's order)."""
+    kids = {}
+    for e in elements:
+        kids.setdefault(e['parent_id'], []).append(e)
+    out, pending = [], list(reversed(kids.get(0, [])))
+    while pending:
+        e = pending.pop()
+        out.append(e)
+        pending.extend(reversed(kids.get(e['id'], [])))
+    return out
+
+
+def _shot(page, focus_selector, name, doc_name):
+    os.makedirs(SHOTS, exist_ok=True)
+    page.evaluate("s => document.querySelector(s).scrollIntoView({block: 'start'})", focus_selector)
+    page.mouse.move(1, 1)  # no tooltip left over from the last click
+    page.wait_for_timeout(900)  # let d3's zoom/enter transitions (<= 750 ms) finish before the shot
+    path = os.path.join(SHOTS, name)
+    page.screenshot(path=path, full_page=False)
+    os.makedirs(DOC_SHOTS, exist_ok=True)
+    shutil.copyfile(path, os.path.join(DOC_SHOTS, doc_name))
+    print(f'[browser] screenshot {path} (copied to docs/screenshots/{doc_name})')
+
+
+def _synthetic_flame(chains=100, depth=50, per_chain=10):
+    """A flame graph of 1 + chains*depth nodes (100 x 50 = 5,001): deep rather than wide,
+    so that every frame is wide enough to be drawn at 1280 px."""
+    children = []
+    for c in range(chains):
+        node = None
+        for d in reversed(range(depth)):
+            node = {'name': f'synth-{c}-{d}', 'value': per_chain, 'self': per_chain if node is None else 0,
+                    'wall_ms': per_chain * 20, 'children': [node] if node else []}
+        children.append(node)
+    total = chains * per_chain
+    return {'name': 'all', 'value': total, 'self': 0, 'wall_ms': total * 20, 'dump_period_ms': 20,
+            'truncated_samples': 0, 'children': children}
+
+
+def test_profiling_page(env, pages):
+    t0 = time.monotonic()
+    sk = env.skysnap()
+    svc1, svc2 = unique('web-slow'), unique('web-busy')
+    inst1, inst2 = unique('inst'), unique('inst')
+    page = pages.new('main')
+
+    # 1. Create a task through the form; an invalid one shows the server's reason verbatim.
+    page.goto(sk.base + '/')
+    form = page.locator('#task-form')
+    expect(form).to_be_visible()
+    defaults = {n: form.locator(f'[name={n}]').input_value()
+                for n in ('duration', 'min_duration_threshold', 'dump_period', 'max_sampling_count')}
+    assert defaults == {'duration': '5', 'min_duration_threshold': '200', 'dump_period': '20',
+                        'max_sampling_count': '5'}, defaults
+    form.locator('[name=service]').fill(svc1)
+    form.locator('[name=endpoint_name]').fill('/slow')
+    form.locator('[name=duration]').fill('1')
+    page.click('#task-create')
+    row1 = page.locator('#tasks tr.task', has_text=svc1)
+    expect(row1).to_have_count(1, timeout=WAIT_MS)
+    tid1 = row1.get_attribute('data-task-id')
+    api_task = sk.api('GET', f'/api/v1/tasks/{tid1}')
+    assert (api_task['service'], api_task['endpoint_name'], api_task['duration'],
+            api_task['dump_period'], api_task['max_sampling_count'],
+            api_task['min_duration_threshold']) == (svc1, '/slow', 1, 20, 5, 200), api_task
+    expect(row1.locator('.task-state')).to_have_text('running', timeout=WAIT_MS)
+    print(f'\n[browser] task {tid1} created through the form ({time.monotonic() - t0:.1f}s)')
+
+    form.locator('[name=dump_period]').fill('5')
+    page.click('#task-create')
+    expect(page.locator('#task-form-error')).to_have_text(INVALID_DUMP_PERIOD, timeout=WAIT_MS)
+    assert len([t for t in sk.api('GET', '/api/v1/tasks') if t['service'] == svc1]) == 1
+    form.locator('[name=dump_period]').fill('20')
+
+    # The second task (the diff's target) through the API.
+    tid2 = sk.create_task(service=svc2, endpoint_name='/busy', duration=1, min_duration_threshold=100,
+                          dump_period=20, max_sampling_count=5)['id']
+
+    # 2. Both agents pick their tasks up; drive /slow and /busy three times each in parallel.
+    app1 = env.app(sk, svc1, inst1)
+    app2 = env.app(sk, svc2, inst2)
+    wait_for(lambda: sk.logs_for(tid1, inst1, 'NOTIFIED'), 30, f'NOTIFIED for {inst1}')
+    wait_for(lambda: sk.logs_for(tid2, inst2, 'NOTIFIED'), 30, f'NOTIFIED for {inst2}')
+    print(f'[browser] both agents NOTIFIED ({time.monotonic() - t0:.1f}s)')
+    th1, err1 = _drive(app1, '/slow', 3)
+    th2, err2 = _drive(app2, '/busy', 3)
+    for t in th1 + th2:
+        t.join(30)
+    assert not err1 + err2, err1 + err2
+    segs1 = _settled_segments(sk, tid1)
+    segs2 = _settled_segments(sk, tid2, min_snapshots=3)
+    print(f'[browser] segments settled: task 1 {[s["snapshot_count"] for s in segs1]}, '
+          f'task 2 {[s["snapshot_count"] for s in segs2]} ({time.monotonic() - t0:.1f}s)')
+
+    # Open the first task (via the second one, so the page fetches it afresh).
+    page.locator(f'#tasks tr.task[data-task-id="{tid2}"]').click()
+    expect(page.locator('#task-view')).to_be_visible()
+    expect(page.locator('#task-title')).to_contain_text(svc2)
+    page.locator(f'#tasks tr.task[data-task-id="{tid1}"]').click()
+    expect(page.locator('#task-title')).to_contain_text(svc1)
+
+    flame = sk.api('GET', f'/api/v1/tasks/{tid1}/flamegraph')
+    total = flame['value']
+    hot = page.locator(f'#flame g.frame[name*="{SLOW_FUNC}"]')
+    expect(hot.first).to_be_attached(timeout=WAIT_MS)
+    expect(page.locator('#flame-total')).to_contain_text(f'{total} snapshots', timeout=WAIT_MS)
+
+    # Search: same share as the API's tree; a regex metacharacter is a plain substring.
+    matched = _search_sum(flame, SLOW_FUNC)
+    share = f'{100 * matched / total:.1f}'
+    page.fill('#flame-search', SLOW_FUNC)
+    result = page.locator('#flame-search-result')
+    expect(result).to_have_text(re.compile(r'\d+ of \d+ snapshots \([\d.]+%\) match'), timeout=WAIT_MS)
+    m = re.search(r'(\d+) of (\d+) snapshots \(([\d.]+)%\) match', result.inner_text())
+    assert (int(m.group(1)), int(m.group(2)), m.group(3)) == (matched, total, share), \
+        (result.inner_text(), matched, total, share)
+    print(f'[browser] search: {result.inner_text()!r} (API: {matched}/{total} = {share}%)')
+    page.fill('#flame-search', '(')
+    expect(result).to_contain_text(f'0 of {total} snapshots (0.0%) match', timeout=WAIT_MS)
+    page.fill('#flame-search', '')
+
+    # Zoom: clicking a frame fades its ancestors; reset removes the fade. The frame must be
+    # drawn inside #flame (a chart whose height stays that of an earlier, shallower tree
+    # draws the deep frames above its own box, over the sections above it).
+    inside = page.evaluate("""sel => { const r = document.querySelector(sel).getBoundingClientRect();
+        const b = document.querySelector('#flame').getBoundingClientRect();
+        return [r.top >= b.top - 1 && r.bottom <= b.bottom + 1, [r.top, r.bottom], [b.top, b.bottom]]; }""",
+                           f'#flame g.frame[name*="{SLOW_FUNC}"] rect')
+    assert inside[0], f'{SLOW_FUNC} frame drawn outside #flame: frame y {inside[1]}, #flame y {inside[2]}'
+    hot.first.locator('rect').click()
+    page.wait_for_selector('#flame g.frame.fade', state='attached')
+    faded = page.locator('#flame g.frame.fade').count()
+    page.click('#flame-reset')
+    page.wait_for_function("!document.querySelector('#flame g.frame.fade')")
+    print(f'[browser] zoom: {faded} frames faded, none after reset')
+
+    # Task logs: the instance's NOTIFIED row.
+    expect(page.locator('#task-logs tr.log', has_text=inst1).filter(has_text='NOTIFIED').first) \
+        .to_be_visible(timeout=WAIT_MS)
+    _shot(page, '#task-view', 'task.png', 'task-view.png')
+
+    # Segments: one row per API segment; the stack tree matches SkyWalking's analysis.
+    segs1 = sk.segments(tid1)
+    expect(page.locator('#segments tr.segment')).to_have_count(len(segs1), timeout=WAIT_MS)
+    seg = max(segs1, key=lambda s: s['snapshot_count'])
+    page.locator(f'#segments tr.segment[data-segment-id="{seg["segment_id"]}"]').click()
+    expect(page.locator('#segment-view')).to_be_visible()
+    analysis = sk.api('GET', '/api/v1/analysis?segment=' + urllib.parse.quote(seg['segment_id'], safe=''))
+    elements = [e for tree in analysis['trees'] for e in tree['elements']]
+    expect(page.locator('#stack-tree tr.stack-node')).to_have_count(len(elements), timeout=WAIT_MS)
+    rows = page.eval_on_selector_all('#stack-tree tr.stack-node', """rows => rows.map(r => ({
+        id: +r.dataset.id, parent_id: +r.dataset.parentId,
+        count: +r.querySelector('.count').textContent.trim().replace(/[^0-9]/g, '')}))""")
+    page_counts = [r['count'] for r in rows]
+    api_order = [e['count'] for e in elements]
+    tree_order = [e['count'] for t in analysis['trees'] for e in _preorder_counts(t['elements'])]
+    assert page_counts in (api_order, tree_order), (page_counts, api_order, tree_order)
+    if len(analysis['trees']) == 1:
+        by_id = {e['id']: e for e in elements}
+        assert all(by_id[r['id']]['count'] == r['count'] and by_id[r['id']]['parent_id'] == r['parent_id']
+                   for r in rows), (rows, elements)
+    print(f'[browser] segment {seg["segment_id"]}: {len(rows)} stack rows, counts {page_counts[:8]}...')
+    expect(page.locator('#segment-flame g.frame').first).to_be_attached(timeout=WAIT_MS)
+    _shot(page, '#segment-view', 'segment.png', 'segment-view.png')
+
+    # 3. Diff against the /busy task: busy frames hotter (red), sleepy frames cooler (blue).
+    page.wait_for_function("""tid => [...document.querySelectorAll('#compare-task option')]
+                                  .some(o => o.value === tid || o.textContent.includes(tid))""", arg=tid2)
+    value = page.evaluate("""([tid, svc]) => { const o = [...document.querySelectorAll('#compare-task option')]
+        .find(o => o.value === tid || o.textContent.includes(tid) || o.textContent.includes(svc));
+        return o.value; }""", [tid2, svc2])
+    page.select_option('#compare-task', value)
+    page.click('#compare-go')
+    expect(page.locator('#diff-view')).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator(f'#diff-flame g.frame[name*="{BUSY_FUNC}"]').first).to_be_attached(timeout=WAIT_MS)
+    page.wait_for_timeout(900)  # rect fills are set at once, widths after the transition
+    frames = page.evaluate(FRAME_COLOURS_JS, '#diff-flame')
+    red = [f for f in frames if f['rgb'] and f['rgb'][0] - f['rgb'][2] > 30]
+    blue = [f for f in frames if f['rgb'] and f['rgb'][2] - f['rgb'][0] > 30]
+    assert any(BUSY_FUNC in f['name'] for f in red), [(f['name'][-40:], f['fill']) for f in frames]
+    assert any(SLOW_FUNC in f['name'] for f in blue), [(f['name'][-40:], f['fill']) for f in frames]
+    expect(page.locator('#diff-legend')).to_be_visible()
+    print(f'[browser] diff: {len(frames)} frames, {len(red)} reddish, {len(blue)} bluish')
+
+    # 6. How long the page takes to render a 5,001-node flame graph (printed, not asserted).
+    synth = _synthetic_flame()
+    n_nodes = sum(1 for _ in _flame_nodes(synth))
+    body = json.dumps(synth)
+    perf = pages.new('perf')
+
+    def is_task_flame(url):
+        p = urllib.parse.urlparse(url)
+        q = urllib.parse.parse_qs(p.query)
+        return p.path == f'/api/v1/tasks/{tid1}/flamegraph' and q.get('format', ['json']) == ['json'] \
+            and 'segment' not in q
+
+    perf.route(is_task_flame, lambda route: route.fulfill(status=200, content_type='application/json',
+                                                          body=body))
+    started = time.monotonic()
+    perf.goto(f'{sk.base}/#task={tid1}')
+    perf.wait_for_function("""() => { const g = document.querySelector('#flame g.frame[name="synth-99-49"] rect');
+        return g && +g.getAttribute('width') > 0; }""", timeout=60_000)
+    drawn_s = time.monotonic() - started
+    stats = perf.evaluate("""() => ({frames: document.querySelectorAll('#flame g.frame').length,
+                                     nav_ms: Math.round(performance.now())})""")
+    print(f'[browser] 5,000-node flame graph: {n_nodes} nodes, {stats["frames"]} g.frame drawn; '
+          f'{drawn_s * 1000:.0f} ms from navigation to the last frame having its width '
+          f'(performance.now() {stats["nav_ms"]} ms, includes d3\'s enter-transition delay)')
+    expect(perf.locator(f'#services .service[data-service="{svc1}"] .instance', has_text=inst1)) \
+        .to_have_count(1, timeout=WAIT_MS)
+
+    assert not pages.errors, pages.errors
+    print(f'[browser] test body wall time {time.monotonic() - t0:.1f}s')
+
+
+def _api_with_token(sk, method, path, token, body=None):
+    req = urllib.request.Request(sk.base + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={'Content-Type': 'application/json',
+                                          'Authorization': f'Bearer {token}'})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_admin_token_dialog(env, pages):
+    sk = env.skysnap({'SKYSNAP_AUTH_ADMIN_TOKEN': 'secret'})
+    task = _api_with_token(sk, 'POST', '/api/v1/tasks', 'secret',
+                           {'service': unique('web-token'), 'endpoint_name': '/slow', 'duration': 1,
+                            'min_duration_threshold': 100, 'dump_period': 20, 'max_sampling_count': 5})
+    page = pages.new('token')
+    page.goto(sk.base + '/')
+    dialog = page.locator('#token-dialog')
+    expect(dialog).to_be_visible(timeout=WAIT_MS)
+
+    page.fill('#token-input', 'not-the-token')
+    page.click('#token-submit')
+    error = page.locator('#token-error')
+    expect(error).to_be_visible(timeout=WAIT_MS)
+    expect(error).to_have_text(re.compile(r'\S'))
+    print(f'\n[browser] wrong token: #token-error {error.inner_text()!r}')
+
+    page.fill('#token-input', 'secret')
+    page.click('#token-submit')
+    expect(page.locator(f'#tasks tr.task[data-task-id="{task["id"]}"]')).to_have_count(1, timeout=WAIT_MS)
+    expect(dialog).to_be_hidden(timeout=WAIT_MS)
+    assert not pages.errors, pages.errors

@@ -157,10 +157,23 @@ function flameQuery(format) {
   return `/tasks/${encodeURIComponent(state.task.id)}/flamegraph?${q}`;
 }
 
+// What the page itself adds to a task flame graph, for measuring: window.skysnapTimings =
+// {flame_fetch_ms: request to parsed JSON, flame_draw_ms: parsed JSON to the frames drawn
+// (the first task after the next animation frame, i.e. after that frame's style, layout and
+// paint; d3's width transitions run on after it), flame_nodes}. Replaced at every draw.
+function countNodes(root) {
+  let n = 0;
+  for (const pending = [root]; pending.length;) { const x = pending.pop(); n++; if (x.children) pending.push(...x.children); }
+  return n;
+}
+const ms1 = (x) => Math.round(x * 10) / 10;
+
 async function loadFlame() {
   const id = state.task.id;
+  const asked = performance.now();
   const data = await api(flameQuery('json'));
   if (state.task?.id !== id) return;
+  const parsed = performance.now();
   state.flameTotal = data.value;
   $('#flame-total').textContent = `${data.value} snapshots`;
   $('#flame-extra').textContent = `· ${int(data.wall_ms)} ms sampled` +
@@ -172,6 +185,10 @@ async function loadFlame() {
     $('#' + aid).href = '/api/v1' + flameQuery(fmt);
     $('#' + aid).download = `${state.task.service}-${id.slice(0, 8)}.${fmt === 'pprof' ? 'pb.gz' : 'folded'}`;
   }
+  requestAnimationFrame(() => setTimeout(() => {
+    window.skysnapTimings = { flame_fetch_ms: ms1(parsed - asked), flame_draw_ms: ms1(performance.now() - parsed),
+      flame_nodes: countNodes(data) };
+  }, 0));
 }
 
 // With a token the Bearer header must go along, which a plain link cannot do.
@@ -250,15 +267,19 @@ function pickTask(id) {
   else location.hash = `task=${id}`;
 }
 
+// The target: "this task" (its own id; compare two of its time ranges) and the other tasks.
+// Without an earlier choice the newest other task is picked, else this task.
 function fillCompare() {
   const sel = $('#compare-task');
   const keep = sel.value;
   sel.replaceChildren();
+  if (state.task) sel.append(new Option('this task', state.task.id));
   for (const t of state.tasks) {
     if (t.id === state.task?.id) continue;
     sel.append(new Option(`${t.service} ${t.endpoint_name} · ${fmtTime(t.start_time)}`, t.id));
   }
-  if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  const values = [...sel.options].map((o) => o.value);
+  sel.value = values.includes(keep) ? keep : (values[1] ?? values[0] ?? '');
   $('#compare-go').disabled = !sel.options.length;
 }
 
@@ -298,6 +319,8 @@ async function openTask(id) {
     state.filter = null; state.segment = null;
     $('#flame-start').value = ''; $('#flame-end').value = '';
     $('#segment-view').hidden = true; $('#diff-view').hidden = true;
+    for (const i of ['base-start', 'base-end', 'target-start', 'target-end']) $(`#compare-${i}`).value = '';
+    $('#compare-task').value = ''; // fillCompare picks the default for the new task
   }
   $('#empty-hint').hidden = true;
   $('#task-view').hidden = false;
@@ -412,7 +435,7 @@ function toggleNode(tr) {
 
 // ---- compare ------------------------------------------------------------------------------
 
-// Widths: the chosen task's samples (this task's for frames gone from it). The library sums
+// Widths: the target's samples (the base's for frames gone from it). The library sums
 // each node's own delta over its subtree (computeDelta) and colours by delta / value, so a
 // node carries its own part of the change in share, in samples of the drawn scale.
 function diffNode(n, scale) {
@@ -426,13 +449,46 @@ function diffNode(n, scale) {
   };
 }
 
+// A side's range from its two datetime-local inputs: null when both are empty, an end
+// covering its whole second, an empty end = open (the API wants both ends or neither).
+const OPEN_END = 8.64e15; // the largest time a Date holds
+function compareRange(side) {
+  const s = fromLocal($(`#compare-${side}-start`).value), e = fromLocal($(`#compare-${side}-end`).value);
+  if (s === null && e === null) return null;
+  return { start: s ?? 0, end: e === null ? OPEN_END : e + 999 };
+}
+
+function describeSide(taskId, range) {
+  const t = state.tasks.find((x) => x.id === taskId);
+  const name = taskId === state.task.id ? 'this task' : t ? `${t.service} ${t.endpoint_name}` : taskId;
+  if (!range) return `${name}, whole task`;
+  const from = range.start ? fmtTime(range.start, true) : 'its start';
+  const to = range.end < OPEN_END ? fmtTime(range.end, true) : 'its end';
+  return `${name}, ${from} – ${to}`;
+}
+
 async function compare() {
-  const target = $('#compare-task').value;
-  if (!target || !state.task) return;
-  const q = new URLSearchParams({ base: state.task.id, target });
-  const diff = await api(`/flamegraph/diff?${q}`);
+  if (!state.task) return;
+  const base = state.task.id, target = $('#compare-task').value || base;
+  const ranges = { base: compareRange('base'), target: compareRange('target') };
+  const q = new URLSearchParams({ base, target });
+  for (const [side, r] of Object.entries(ranges)) {
+    if (r) { q.set(`${side}_start`, r.start); q.set(`${side}_end`, r.end); }
+  }
+  setStatus('');
+  let diff;
+  try {
+    diff = await api(`/flamegraph/diff?${q}`); // a 400's reason goes to #status
+  } catch (e) {
+    $('#diff-view').hidden = true; // no older diff under the new choice
+    $('#diff-totals').textContent = ''; $('#diff-sides').textContent = '';
+    throw e;
+  }
+  if (state.task?.id !== base) return;
   $('#diff-view').hidden = false;
   $('#diff-tip').textContent = diff.tip || '';
+  $('#diff-totals').textContent = `base ${int(diff.base_total)} · target ${int(diff.target_total)} snapshots`;
+  $('#diff-sides').textContent = `· base: ${describeSide(base, ranges.base)} · target: ${describeSide(target, ranges.target)}`;
   draw('diff-flame', diffNode(diff.tree, diff.target_total || diff.base_total), (chart) => chart
     .computeDelta(true)
     .getDelta((n) => n.data.delta || 0)
@@ -440,7 +496,7 @@ async function compare() {
     .tooltip(flamegraph.tooltip.defaultFlamegraphTooltip().html((d) => {
       const x = d.data, pp = ((x.target_share - x.base_share) * 100).toFixed(1);
       return `<div class="tip-name">${esc(x.name)}</div>` +
-        `<div>this task: ${int(x.base)} (${(100 * x.base_share).toFixed(1)}%) · chosen: ${int(x.target)} ` +
+        `<div>base: ${int(x.base)} (${(100 * x.base_share).toFixed(1)}%) · target: ${int(x.target)} ` +
         `(${(100 * x.target_share).toFixed(1)}%) · ${pp > 0 ? '+' : ''}${pp} points</div>`;
     })));
 }

@@ -104,16 +104,28 @@ def _preorder_counts(elements):
     return out
 
 
-def _shot(page, focus_selector, name, doc_name):
+def _shot(page, focus_selector, name, doc_name=None):
     os.makedirs(SHOTS, exist_ok=True)
     page.evaluate("s => document.querySelector(s).scrollIntoView({block: 'start'})", focus_selector)
     page.mouse.move(1, 1)  # no tooltip left over from the last click
     page.wait_for_timeout(900)  # let d3's zoom/enter transitions (<= 750 ms) finish before the shot
     path = os.path.join(SHOTS, name)
     page.screenshot(path=path, full_page=False)
+    if doc_name is None:
+        print(f'[browser] screenshot {path}')
+        return
     os.makedirs(DOC_SHOTS, exist_ok=True)
     shutil.copyfile(path, os.path.join(DOC_SHOTS, doc_name))
     print(f'[browser] screenshot {path} (copied to docs/screenshots/{doc_name})')
+
+
+# Epoch ms -> the value a datetime-local input with step="1" holds, in the browser's own
+# time zone (seconds left out when 0: the input normalises "hh:mm:00" to "hh:mm").
+TO_LOCAL_JS = """times => times.map(ms => { const d = new Date(ms), p = n => String(n).padStart(2, '0');
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`
+        + (d.getSeconds() ? `:${p(d.getSeconds())}` : ''); })"""
+
+DIFF_TOTALS = re.compile(r'^base (\d+) · target (\d+) snapshots$')
 
 
 def _synthetic_flame(chains=100, depth=50, per_chain=10):
@@ -276,6 +288,67 @@ def test_profiling_page(env, pages):
     expect(page.locator('#diff-legend')).to_be_visible()
     print(f'[browser] diff: {len(frames)} frames, {len(red)} reddish, {len(blue)} bluish')
 
+    # 4. The task against itself over two time ranges: the first and the second half of its
+    # dump times. The inputs hold whole seconds and a "to" covers its whole second, so the
+    # halves are split at the second holding the middle: base = [first's second, middle's
+    # second + 999], target = [the next second, last's second + 999] -- disjoint, together
+    # every dump. When first and last dump share that second the split cannot be expressed;
+    # then both sides take the whole span and only the looser checks apply.
+    options = page.eval_on_selector_all('#compare-task option', 'os => os.map(o => [o.value, o.textContent])')
+    assert options[0] == [tid1, 'this task'], options[:3]
+    segs1 = sk.segments(tid1)
+    first = min(s['first_dump_time'] for s in segs1)
+    last = max(s['last_dump_time'] for s in segs1)
+    second = lambda ms: ms - ms % 1000  # noqa: E731
+    mid = (first + last) // 2
+    precise = second(last) > second(mid)
+    base_range = (second(first), second(mid) + 999)
+    target_range = (second(mid) + 1000, second(last) + 999) if precise else base_range[:1] + (second(last) + 999,)
+    if not precise:
+        base_range = target_range
+    b_from, b_to, t_from, t_to, later = page.evaluate(TO_LOCAL_JS, [
+        base_range[0], base_range[1] - 999, target_range[0], target_range[1] - 999, base_range[0] + 60_000])
+
+    # A backwards range (base from a minute after base to): the API's 400 reason in #status,
+    # no stale diff left on screen.
+    page.select_option('#compare-task', tid1)
+    page.fill('#compare-base-start', later)
+    page.fill('#compare-base-end', b_from)
+    page.fill('#compare-target-start', t_from)
+    page.fill('#compare-target-end', t_to)
+    page.click('#compare-go')
+    expect(page.locator('#status')).to_contain_text('base_end:', timeout=WAIT_MS)
+    expect(page.locator('#status')).to_contain_text('is before base_start', timeout=WAIT_MS)
+    expect(page.locator('#diff-view')).to_be_hidden()
+    print(f'[browser] backwards base range: #status {page.locator("#status").inner_text()!r}')
+
+    page.fill('#compare-base-start', b_from)
+    page.fill('#compare-base-end', b_to)
+    page.click('#compare-go')
+    expect(page.locator('#diff-view')).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator('#status')).to_have_text('')
+    expect(page.locator(f'#diff-flame g.frame[name*="{SLOW_FUNC}"]').first).to_be_attached(timeout=WAIT_MS)
+    totals_text = page.locator('#diff-totals').inner_text().strip()
+    m = DIFF_TOTALS.match(totals_text)
+    assert m, totals_text
+    page_totals = (int(m.group(1)), int(m.group(2)))
+    api_diff = sk.api('GET', '/api/v1/flamegraph/diff?' + urllib.parse.urlencode({
+        'base': tid1, 'target': tid1, 'base_start': base_range[0], 'base_end': base_range[1],
+        'target_start': target_range[0], 'target_end': target_range[1]}))
+    assert page_totals == (api_diff['base_total'], api_diff['target_total']), (totals_text, api_diff)
+    task_total = sk.api('GET', f'/api/v1/tasks/{tid1}/flamegraph')['value']
+    assert all(0 < n <= task_total for n in page_totals), (page_totals, task_total)
+    if precise:
+        in_range = [sk.api('GET', f'/api/v1/tasks/{tid1}/flamegraph?start={a}&end={b}')['value']
+                    for a, b in (base_range, target_range)]
+        assert list(page_totals) == in_range, (page_totals, in_range)
+        assert sum(page_totals) == task_total, (page_totals, task_total)
+    print(f'[browser] range compare of {tid1} with itself: {b_from}..{b_to} against {t_from}..{t_to} '
+          f'(dumps {first}..{last}, split {"at a second" if precise else "impossible: same second"}): '
+          f'{totals_text!r}, task total {task_total}, '
+          f'{page.locator("#diff-flame g.frame").count()} frames')
+    _shot(page, '#compare', 'compare.png')
+
     # 6. How long the page takes to render a 5,001-node flame graph (printed, not asserted).
     synth = _synthetic_flame()
     n_nodes = sum(1 for _ in _flame_nodes(synth))
@@ -297,9 +370,14 @@ def test_profiling_page(env, pages):
     drawn_s = time.monotonic() - started
     stats = perf.evaluate("""() => ({frames: document.querySelectorAll('#flame g.frame').length,
                                      nav_ms: Math.round(performance.now())})""")
+    timings = perf.wait_for_function('n => window.skysnapTimings && window.skysnapTimings.flame_nodes === n '
+                                     '&& window.skysnapTimings', arg=n_nodes).json_value()
     print(f'[browser] 5,000-node flame graph: {n_nodes} nodes, {stats["frames"]} g.frame drawn; '
           f'{drawn_s * 1000:.0f} ms from navigation to the last frame having its width '
-          f'(performance.now() {stats["nav_ms"]} ms, includes d3\'s enter-transition delay)')
+          f'(performance.now() {stats["nav_ms"]} ms, includes d3\'s enter-transition delay); '
+          f'the page itself: flame_draw_ms {timings["flame_draw_ms"]} (parsed JSON to the frames drawn, '
+          f'next animation frame), flame_fetch_ms {timings["flame_fetch_ms"]} (request to parsed JSON, '
+          f'intercepted answer), flame_nodes {timings["flame_nodes"]}')
     expect(perf.locator(f'#services .service[data-service="{svc1}"] .instance', has_text=inst1)) \
         .to_have_count(1, timeout=WAIT_MS)
 

@@ -402,12 +402,16 @@ function renderStackTree(analysis) {
     }
     // Hottest first; the stable sort keeps the API's order among equals.
     for (const list of kids.values()) list.sort((a, b) => b.count - a.count);
+    const MAX_INDENT = 12;
     const walk = (e, depth) => {
       const children = kids.get(e.id) || [];
       const sig = el('td', null, 'sig');
-      sig.style.paddingLeft = `${0.3 + depth * 1.1}em`;
+      // Indent up to MAX_INDENT levels; deeper rows (200-deep Java stacks) say their depth
+      // instead, so the signature stays on screen.
+      sig.style.paddingLeft = `${0.3 + Math.min(depth, MAX_INDENT) * 1.1}em`;
       sig.title = e.code_signature;
       const toggle = el('span', children.length ? '▾' : '', children.length ? 'toggle' : 'leaf');
+      if (depth > MAX_INDENT) sig.append(el('span', `${depth}› `, 'depth'));
       sig.append(toggle, el('span', e.code_signature));
       const tr = row([sig, td(int(e.count), 'num count'), td(int(e.duration), 'num duration'),
         td(int(e.duration_child_excluded), 'num self')], 'stack-node');

@@ -106,6 +106,18 @@ struct SnapshotRow {
     stack: Vec<String>,
 }
 
+impl From<SnapshotRow> for SnapshotRecord {
+    fn from(row: SnapshotRow) -> SnapshotRecord {
+        SnapshotRecord {
+            task_id: row.task_id,
+            segment_id: row.segment_id,
+            sequence: row.sequence,
+            dump_time: row.dump_time,
+            stack: row.stack,
+        }
+    }
+}
+
 /// A snapshot row as written: it borrows from the batch, so an INSERT encodes the
 /// frames straight from the records instead of copying forty strings per row first.
 /// Public so that the benches and the raw-INSERT baseline write exactly these rows.
@@ -473,16 +485,7 @@ impl Store for ClickHouseStore {
             .fetch_all::<SnapshotRow>()
             .await
             .map_err(map_error)?;
-        Ok(rows
-            .into_iter()
-            .map(|row| SnapshotRecord {
-                task_id: row.task_id,
-                segment_id: row.segment_id,
-                sequence: row.sequence,
-                dump_time: row.dump_time,
-                stack: row.stack,
-            })
-            .collect())
+        Ok(rows.into_iter().map(SnapshotRecord::from).collect())
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
@@ -543,16 +546,7 @@ impl Store for ClickHouseStore {
             .await
             .map_err(map_error)?;
         }
-        Ok(rows
-            .into_iter()
-            .map(|row| SnapshotRecord {
-                task_id: row.task_id,
-                segment_id: row.segment_id,
-                sequence: row.sequence,
-                dump_time: row.dump_time,
-                stack: row.stack,
-            })
-            .collect())
+        Ok(rows.into_iter().map(SnapshotRecord::from).collect())
     }
 
     fn stack_counts(

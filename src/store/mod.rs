@@ -44,6 +44,42 @@ pub struct SnapshotFilter {
     pub end_opt: Option<i64>,
 }
 
+/// A value for one `?` of a snapshot filter's `WHERE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterValue {
+    Text(String),
+    Number(i64),
+}
+
+impl SnapshotFilter {
+    /// `WHERE …` over the snapshot table's columns (empty without conditions) and the
+    /// values of its `?`s in order. Built per filter rather than as one statement of
+    /// `(? IS NULL OR …)` terms, which would keep SQLite from using its indexes; both
+    /// stores share it.
+    pub fn where_sql(&self) -> (String, Vec<FilterValue>) {
+        let conditions = [
+            (
+                "task_id = ?",
+                self.task_id_opt.clone().map(FilterValue::Text),
+            ),
+            (
+                "segment_id = ?",
+                self.segment_id_opt.clone().map(FilterValue::Text),
+            ),
+            ("dump_time >= ?", self.start_opt.map(FilterValue::Number)),
+            ("dump_time <= ?", self.end_opt.map(FilterValue::Number)),
+        ];
+        let (clauses, values): (Vec<&str>, Vec<FilterValue>) = conditions
+            .into_iter()
+            .filter_map(|(clause, value)| Some((clause, value?)))
+            .unzip();
+        if clauses.is_empty() {
+            return (String::new(), values);
+        }
+        (format!("WHERE {}", clauses.join(" AND ")), values)
+    }
+}
+
 /// A distinct stack and how many snapshots (each key once) have it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackCount {
@@ -109,4 +145,34 @@ pub trait Store: Send + Sync + 'static {
     /// Removes records whose time bucket is older than `cutoff_ms`; answers how many
     /// rows went (0 where the store expires rows itself, e.g. ClickHouse TTL).
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_store_snapshot_filter_where() {
+        assert_eq!(
+            SnapshotFilter::default().where_sql(),
+            (String::new(), vec![])
+        );
+        let filter = SnapshotFilter {
+            task_id_opt: None,
+            segment_id_opt: Some("s".into()),
+            start_opt: Some(1),
+            end_opt: Some(2),
+        };
+        assert_eq!(
+            filter.where_sql(),
+            (
+                "WHERE segment_id = ? AND dump_time >= ? AND dump_time <= ?".to_string(),
+                vec![
+                    FilterValue::Text("s".into()),
+                    FilterValue::Number(1),
+                    FilterValue::Number(2)
+                ]
+            )
+        );
+    }
 }

@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use futures::stream::{BoxStream, StreamExt as _};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
+use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::model::{
     minute_bucket, second_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog,
 };
@@ -226,33 +226,18 @@ fn with_reader<T>(
     work(&connection)
 }
 
-/// `WHERE …` for a snapshot filter, with its parameters. Built per filter rather than
-/// as one statement of `(?1 IS NULL OR …)` terms, which would keep SQLite from using
-/// the (task, segment, sequence) and (segment, sequence) indexes.
+/// `WHERE …` for a snapshot filter, with its parameters as SQLite values.
 fn snapshot_where(filter: &SnapshotFilter) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut clauses = Vec::new();
-    let mut values = Vec::new();
-    if let Some(task_id) = &filter.task_id_opt {
-        clauses.push("task_id = ?");
-        values.push(Value::Text(task_id.clone()));
-    }
-    if let Some(segment_id) = &filter.segment_id_opt {
-        clauses.push("segment_id = ?");
-        values.push(Value::Text(segment_id.clone()));
-    }
-    if let Some(start) = filter.start_opt {
-        clauses.push("dump_time >= ?");
-        values.push(Value::Integer(start));
-    }
-    if let Some(end) = filter.end_opt {
-        clauses.push("dump_time <= ?");
-        values.push(Value::Integer(end));
-    }
-    if clauses.is_empty() {
-        return (String::new(), values);
-    }
-    (format!("WHERE {}", clauses.join(" AND ")), values)
+    let (where_sql, values) = filter.where_sql();
+    let values = values
+        .into_iter()
+        .map(|value| match value {
+            FilterValue::Text(text) => Value::Text(text),
+            FilterValue::Number(number) => Value::Integer(number),
+        })
+        .collect();
+    (where_sql, values)
 }
 
 fn parse_stack(stack_json: &str) -> rusqlite::Result<Vec<String>> {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use futures::stream::{BoxStream, StreamExt as _};
 
-use super::{SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
+use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::config::ClickHouseConfig;
 use crate::model::{minute_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
 use schema::ServerVersion;
@@ -156,38 +156,6 @@ struct SegmentRow {
 struct StackCountRow {
     stack: Vec<String>,
     count: u64,
-}
-
-/// A value bound to a `?` of a snapshot filter.
-enum FilterValue {
-    Text(String),
-    Number(i64),
-}
-
-/// `WHERE …` for a snapshot filter and the values for its `?`s, in order.
-fn snapshot_where(filter: &SnapshotFilter) -> (String, Vec<FilterValue>) {
-    let mut clauses = Vec::new();
-    let mut values = Vec::new();
-    if let Some(task_id) = &filter.task_id_opt {
-        clauses.push("task_id = ?");
-        values.push(FilterValue::Text(task_id.clone()));
-    }
-    if let Some(segment_id) = &filter.segment_id_opt {
-        clauses.push("segment_id = ?");
-        values.push(FilterValue::Text(segment_id.clone()));
-    }
-    if let Some(start) = filter.start_opt {
-        clauses.push("dump_time >= ?");
-        values.push(FilterValue::Number(start));
-    }
-    if let Some(end) = filter.end_opt {
-        clauses.push("dump_time <= ?");
-        values.push(FilterValue::Number(end));
-    }
-    if clauses.is_empty() {
-        return (String::new(), values);
-    }
-    (format!("WHERE {}", clauses.join(" AND ")), values)
 }
 
 fn bind_filter(
@@ -489,7 +457,7 @@ impl Store for ClickHouseStore {
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
-        let (where_sql, values) = snapshot_where(filter);
+        let (where_sql, values) = filter.where_sql();
         bind_filter(
             self.client.query(&format!(
                 "SELECT uniqExact(task_id, segment_id, sequence) \
@@ -511,7 +479,7 @@ impl Store for ClickHouseStore {
         // 12,000 snapshots on 18.16, `FINAL … ORDER BY` 304 ms. That is right whenever
         // every matching row was read, duplicates of a re-sent snapshot included; the
         // read is capped, and a match past the cap falls back to `FINAL … ORDER BY`.
-        let (where_sql, values) = snapshot_where(filter);
+        let (where_sql, values) = filter.where_sql();
         let cap = limit.saturating_mul(2).saturating_add(1);
         let mut rows = bind_filter(
             self.client.query(&format!(
@@ -558,7 +526,7 @@ impl Store for ClickHouseStore {
         // group is enough. This aggregates in parallel in one pass; de-duplicating all
         // keys first (LIMIT 1 BY) and then grouping took three times as long on 18.16
         // (3.0 s against 1.1 s for a million 40-frame snapshots).
-        let (where_sql, values) = snapshot_where(filter);
+        let (where_sql, values) = filter.where_sql();
         let cursor = bind_filter(
             self.client.query(&format!(
                 "SELECT stack, uniqExact(task_id, segment_id, sequence) AS count \

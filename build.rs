@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "profile/ProfileCompat.proto",
         "management/Management.proto",
         "discard/Discard.proto",
+        "language-agent/Tracing.proto",
         "pprof/profile.proto",
     ];
     let descriptors = protox::compile(protos, ["proto"])?;

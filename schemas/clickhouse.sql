@@ -79,3 +79,43 @@ ENGINE = ReplacingMergeTree()
 PARTITION BY intDiv(time_bucket, 1000000)
 ORDER BY (task_id, segment_id, sequence)
 TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;
+
+-- One row per trace segment that has snapshots, kept with all its spans (a segment is
+-- never stored half), so that a profiled request's span tree can be read. The spans are
+-- parallel arrays, one element per span in the order the agent sent them; endpoint is
+-- the first span's operation name; start_time and end_time are the earliest span start
+-- and the latest span end. time_bucket is the second of start_time (yyyyMMddHHmmss).
+-- A segment sent again replaces the stored one (at merge time; FINAL until then).
+--   SELECT trace_id, endpoint, duration, is_error FROM skysnap.profiled_segment FINAL
+--   WHERE segment_id = '<segment>';
+--   SELECT span_id, span_parent_id, span_operation_name, span_end_time - span_start_time AS ms
+--   FROM skysnap.profiled_segment FINAL
+--   ARRAY JOIN span_id, span_parent_id, span_operation_name, span_start_time, span_end_time
+--   WHERE segment_id = '<segment>' ORDER BY span_start_time;
+CREATE TABLE IF NOT EXISTS skysnap.profiled_segment
+(
+    segment_id          String,
+    trace_id            String,
+    service             LowCardinality(String),
+    instance            String,
+    endpoint            String,
+    start_time          Int64,
+    end_time            Int64,
+    duration            Int64,
+    is_error            UInt8,
+    time_bucket         Int64,
+    span_id             Array(Int32),
+    span_parent_id      Array(Int32),
+    span_operation_name Array(String) CODEC(ZSTD(3)),
+    span_peer           Array(String) CODEC(ZSTD(3)),
+    span_type           Array(LowCardinality(String)),
+    span_layer          Array(LowCardinality(String)),
+    span_component_id   Array(Int32),
+    span_start_time     Array(Int64) CODEC(Delta, ZSTD(1)),
+    span_end_time       Array(Int64) CODEC(Delta, ZSTD(1)),
+    span_is_error       Array(UInt8)
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY intDiv(time_bucket, 1000000)
+ORDER BY segment_id
+TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;

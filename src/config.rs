@@ -47,6 +47,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
     pub analysis: AnalysisConfig,
+    pub upstream: UpstreamConfig,
+    pub segments: SegmentsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -405,6 +407,85 @@ impl Default for AnalysisConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// SkyWalking OAP gRPC addresses (`host:port`). Set, every gRPC call skysnap does not
+    /// own (all but `ProfileTask`) is forwarded to them, round robin; empty, those calls
+    /// are answered here and counted.
+    pub addresses: Vec<String>,
+    /// Sent upstream as the `authentication` metadata in place of the agent's; unset, the
+    /// agent's own token (if any) passes through.
+    pub token: Option<String>,
+    /// Speak TLS to the upstream.
+    pub tls: bool,
+    /// PEM CA that signed the upstream's certificate; unset, the system's roots.
+    pub tls_ca_path: Option<PathBuf>,
+    /// PEM client certificate, for an upstream that wants mutual TLS (with `tls_key_path`).
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of `tls_cert_path`.
+    pub tls_key_path: Option<PathBuf>,
+    /// Name checked against the upstream's certificate; unset, the address's host.
+    pub tls_domain: Option<String>,
+    /// Milliseconds to open a connection to an upstream before the call fails UNAVAILABLE.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds a forwarded call may wait on the upstream: for it to take request
+    /// data it is offered, and, once the agent has sent everything, between reply frames.
+    /// Past it the call ends DEADLINE_EXCEEDED and the upstream is marked down.
+    pub timeout_ms: u64,
+    /// Forwarded calls in flight at once; more are refused RESOURCE_EXHAUSTED at once, so
+    /// a stalled upstream holds at most this many of the gRPC server's streams. A Python
+    /// agent keeps three streams open for good (segments, logs, meters).
+    pub max_concurrent_calls: usize,
+    /// Milliseconds between attempts to reconnect to an upstream marked down.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            addresses: Vec::new(),
+            token: None,
+            tls: false,
+            tls_ca_path: None,
+            tls_cert_path: None,
+            tls_key_path: None,
+            tls_domain: None,
+            connect_timeout_ms: 1_000,
+            timeout_ms: 5_000,
+            max_concurrent_calls: 8_192,
+            retry_backoff_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentsConfig {
+    /// Segment ids with snapshots remembered in memory (the most recent ones), so that a
+    /// passing trace segment is matched without a store look-up.
+    pub index_capacity: usize,
+    /// Trace segments that may belong to a profile task (their service and endpoint have
+    /// one) but arrived before any snapshot of theirs, held for a second look.
+    pub pending_max_segments: usize,
+    /// Milliseconds such a segment waits before it is looked up again (in memory, then in
+    /// the store); not found then, it is dropped and counted.
+    pub pending_delay_ms: u64,
+    /// Most spans kept of one segment (the first ones); the rest are counted.
+    pub max_spans: usize,
+}
+
+impl Default for SegmentsConfig {
+    fn default() -> Self {
+        SegmentsConfig {
+            index_capacity: 100_000,
+            pending_max_segments: 10_000,
+            pending_delay_ms: 5_000,
+            max_spans: 2_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads the file (when given), applies the process environment, and validates.
     pub fn load(path_opt: Option<&Path>) -> Result<Config, ConfigError> {
@@ -571,6 +652,62 @@ impl Config {
         if self.analysis.max_flamegraph_nodes < 2 {
             return invalid("analysis.max_flamegraph_nodes", "must be at least 2");
         }
+        if let Some(address) = self
+            .upstream
+            .addresses
+            .iter()
+            .find(|address| address.trim().is_empty() || address.contains("://"))
+        {
+            return invalid(
+                "upstream.addresses",
+                &format!("{address:?} is not host:port (no scheme; set upstream.tls for TLS)"),
+            );
+        }
+        if self.upstream.token.as_deref() == Some("") {
+            return invalid(
+                "upstream.token",
+                "must not be empty (leave it unset to pass the agent's token)",
+            );
+        }
+        if self.upstream.tls_cert_path.is_some() != self.upstream.tls_key_path.is_some() {
+            return invalid(
+                "upstream.tls_cert_path",
+                "upstream.tls_cert_path and upstream.tls_key_path must be set together",
+            );
+        }
+        if !self.upstream.tls
+            && (self.upstream.tls_ca_path.is_some() || self.upstream.tls_cert_path.is_some())
+        {
+            return invalid(
+                "upstream.tls",
+                "TLS files are set but upstream.tls is false",
+            );
+        }
+        for (key, value) in [
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            ("upstream.timeout_ms", self.upstream.timeout_ms),
+            ("upstream.retry_backoff_ms", self.upstream.retry_backoff_ms),
+            ("segments.pending_delay_ms", self.segments.pending_delay_ms),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than zero");
+            }
+        }
+        for (key, value) in [
+            (
+                "upstream.max_concurrent_calls",
+                self.upstream.max_concurrent_calls,
+            ),
+            ("segments.index_capacity", self.segments.index_capacity),
+            ("segments.max_spans", self.segments.max_spans),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than zero");
+            }
+        }
         if self.kafka.topic.is_empty() {
             return invalid("kafka.topic", "must not be empty");
         }
@@ -639,6 +776,13 @@ fn apply_env(tree: &mut Value, env: &[(String, String)]) -> Result<(), ConfigErr
             });
         };
         let value = match default_value {
+            Value::Sequence(_) => Value::Sequence(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| Value::String(item.to_string()))
+                    .collect(),
+            ),
             Value::Number(_) | Value::Bool(_) => {
                 serde_yaml::from_str(raw).map_err(|error| ConfigError::Invalid {
                     key: format!("{section}.{key}"),

@@ -81,6 +81,14 @@ struct LoadArgs {
     /// How long to send, e.g. 10s, 2m, 10m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: std::time::Duration,
+    /// Send trace segments (`TraceSegmentReportService/collect`) instead of snapshots, to
+    /// any collector (skysnap or OAP): `--batch` segments per stream, agents x streams
+    /// callers at once. Measures forwarding; nothing is checked afterwards.
+    #[arg(long)]
+    trace_segments: bool,
+    /// Spans per trace segment (with --trace-segments).
+    #[arg(long, default_value_t = 5)]
+    spans: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -103,6 +111,9 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 fn load(args: LoadArgs) -> anyhow::Result<bool> {
+    if args.trace_segments {
+        return load_segments(args);
+    }
     let options = skysnap::load::LoadOptions {
         target: args.target,
         http_opt: (!args.no_check).then_some(args.server.trim_end_matches('/').to_string()),
@@ -126,6 +137,28 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
         println!("{}", skysnap::load::render(&report));
     }
     Ok(report.missing_opt.unwrap_or(0) == 0)
+}
+
+fn load_segments(args: LoadArgs) -> anyhow::Result<bool> {
+    let options = skysnap::load_segments::SegmentLoadOptions {
+        target: args.target,
+        agent_token_opt: args.agent_token,
+        concurrency: args.agents.max(1) * args.streams.max(1),
+        segments_per_stream: usize::try_from(args.batch.max(1)).unwrap_or(1),
+        spans_per_segment: args.spans,
+        service: "skysnap-load".into(),
+        duration: args.duration,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(skysnap::load_segments::run(options))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", skysnap::load_segments::render(&report));
+    }
+    Ok(report.errors.is_empty())
 }
 
 #[derive(Args)]

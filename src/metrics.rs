@@ -34,6 +34,15 @@ pub const SINK_SNAPSHOTS_WRITTEN: &str = "skysnap_sink_snapshots_written_total";
 pub const CONSUMER_LAG: &str = "skysnap_consumer_lag_messages";
 pub const CONSUMER_COMMITS: &str = "skysnap_consumer_commits_total";
 pub const CONSUMER_BATCHES: &str = "skysnap_consumer_batches_total";
+pub const UPSTREAM_CALLS: &str = "skysnap_upstream_calls_total";
+pub const UPSTREAM_MESSAGES: &str = "skysnap_upstream_messages_total";
+pub const UPSTREAM_BYTES: &str = "skysnap_upstream_bytes_total";
+pub const UPSTREAM_LATENCY: &str = "skysnap_upstream_latency_seconds";
+pub const UPSTREAM_CHANNEL_UP: &str = "skysnap_upstream_up";
+pub const UPSTREAM_REFUSED: &str = "skysnap_upstream_refused_total";
+pub const TAP_ERRORS: &str = "skysnap_tap_errors_total";
+pub const SEGMENTS_KEPT: &str = "skysnap_profiled_segments_kept_total";
+pub const SEGMENTS_SKIPPED: &str = "skysnap_profiled_segments_skipped_total";
 pub const RETENTION_ROWS_REMOVED: &str = "skysnap_retention_rows_removed_total";
 
 /// Installs the global recorder; the returned handle renders `/metrics`.
@@ -49,6 +58,12 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full(BATCH_SIZE.to_string()),
             &[
                 1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(UPSTREAM_LATENCY.to_string()),
+            &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],
         )?
         .install_recorder()?;
@@ -109,7 +124,20 @@ fn register_zeros() {
         counter!(TASK_LOGS_WRITTEN, "operation" => operation).absolute(0);
     }
     gauge!(STREAMS_ACTIVE).set(0.0);
+    for reason in SEGMENT_SKIP_REASONS {
+        counter!(SEGMENTS_SKIPPED, "reason" => *reason).absolute(0);
+    }
+    counter!(SEGMENTS_KEPT).absolute(0);
 }
+
+/// Why a trace segment that may have been profiled was not kept.
+pub const SEGMENT_SKIP_REASONS: &[&str] = &[
+    "no_snapshots",
+    "pending_full",
+    "queue_full",
+    "undecodable",
+    "store_failed",
+];
 
 /// A sink's series, visible at 0 from the start.
 pub fn register_sink_zeros(sink: &'static str) {
@@ -173,7 +201,52 @@ fn describe() {
     describe_counter!(
         DISCARDED_MESSAGES,
         Unit::Count,
-        "Agent messages accepted and dropped (segments, logs, meters, ...), by service"
+        "Agent messages accepted and dropped without an upstream, by service and method"
+    );
+    describe_counter!(
+        UPSTREAM_CALLS,
+        Unit::Count,
+        "Calls forwarded to the upstream OAP, by service, method and gRPC code"
+    );
+    describe_counter!(
+        UPSTREAM_MESSAGES,
+        Unit::Count,
+        "gRPC messages forwarded, by service, method and direction (request, response)"
+    );
+    describe_counter!(
+        UPSTREAM_BYTES,
+        Unit::Bytes,
+        "Body bytes forwarded, by direction (sent to the upstream, received from it)"
+    );
+    describe_histogram!(
+        UPSTREAM_LATENCY,
+        Unit::Seconds,
+        "From the agent's last request byte to the upstream's complete reply, by service"
+    );
+    describe_gauge!(
+        UPSTREAM_CHANNEL_UP,
+        Unit::Count,
+        "1 while an upstream address takes calls, 0 while it is marked down"
+    );
+    describe_counter!(
+        UPSTREAM_REFUSED,
+        Unit::Count,
+        "Calls not forwarded, by reason (all upstreams down, too many in flight)"
+    );
+    describe_counter!(
+        TAP_ERRORS,
+        Unit::Count,
+        "Passing messages skysnap could not read (management, trace segments), by kind"
+    );
+    describe_counter!(
+        SEGMENTS_KEPT,
+        Unit::Count,
+        "Trace segments with snapshots kept with their spans"
+    );
+    describe_counter!(
+        SEGMENTS_SKIPPED,
+        Unit::Count,
+        "Trace segments that may have been profiled but were not kept, by reason"
     );
     describe_counter!(
         BATCHES_FLUSHED,

@@ -146,13 +146,74 @@ impl SnapshotRecord {
     }
 }
 
-/// A profiled segment of a task, as listed by the API.
+/// A profiled segment of a task, as listed by the API. The trace fields come from the
+/// kept trace segment and are `None` until (unless) it has passed through skysnap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentSummary {
     pub segment_id: String,
     pub snapshot_count: i64,
     pub first_dump_time: i64,
     pub last_dump_time: i64,
+    pub trace_id: Option<String>,
+    /// Operation name of the segment's first span.
+    pub endpoint: Option<String>,
+    /// Segment start time, ms since the epoch.
+    pub start_time: Option<i64>,
+    /// Milliseconds from the segment's start to its end.
+    pub duration: Option<i64>,
+    pub is_error: Option<bool>,
+}
+
+/// A trace segment with snapshots, kept with its spans as the agent reported them
+/// (SkyWalking's `SegmentObject`), so that a person can see a profiled request's span
+/// tree and analyse one span's time range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfiledSegment {
+    pub segment_id: String,
+    pub trace_id: String,
+    pub service: String,
+    pub instance: String,
+    /// Operation name of the first span (span id 0), which SkyWalking calls the
+    /// segment's endpoint and which profile tasks are matched against.
+    pub endpoint: String,
+    /// Earliest span start, ms since the epoch.
+    pub start_time: i64,
+    /// Latest span end, ms since the epoch.
+    pub end_time: i64,
+    /// `end_time - start_time`, ms.
+    pub duration: i64,
+    /// Any span flagged as an error.
+    pub is_error: bool,
+    /// In the order the agent sent them (SkyWalking agents send a span when it ends, so
+    /// the first span usually comes last).
+    pub spans: Vec<ProfiledSpan>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfiledSpan {
+    pub span_id: i32,
+    /// -1 for the segment's first span.
+    pub parent_span_id: i32,
+    pub operation_name: String,
+    /// Remote address of an exit span; empty otherwise.
+    pub peer: String,
+    /// `Entry`, `Exit` or `Local`.
+    pub span_type: String,
+    /// `Unknown`, `Database`, `RPCFramework`, `Http`, `MQ`, `Cache` or `FAAS`.
+    pub span_layer: String,
+    /// SkyWalking's component id (e.g. 7002 for Python's http.server).
+    pub component_id: i32,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub is_error: bool,
+}
+
+impl ProfiledSegment {
+    /// The time bucket it is stored and expired under: the second of its start, like a
+    /// snapshot's.
+    pub fn time_bucket(&self) -> i64 {
+        second_bucket(self.start_time)
+    }
 }
 
 /// A service and the agent instances that reported to this replica lately.

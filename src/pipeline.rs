@@ -19,6 +19,7 @@ use crate::actors::task_cache::{Refresh, TaskCacheActor};
 use crate::actors::task_log::{FlushLogs, TaskLogWriter};
 use crate::actors::task_registry::TaskRegistry;
 use crate::config::{Config, PipelineMode};
+use crate::segments::SegmentCapture;
 use crate::store::Store;
 
 /// Addresses of the running actors, cloned into every request handler.
@@ -32,6 +33,9 @@ pub struct Handles {
     pub instances: Addr<InstanceRegistry>,
     pub retention: Addr<RetentionActor>,
     pub store: Arc<dyn Store>,
+    /// Keeps the trace segments that have snapshots; fed by the profile handler (which
+    /// segments have snapshots) and by the gRPC passthrough's tap (the segments).
+    pub segments: SegmentCapture,
     /// Where shards commit batches; asked by `/readyz`.
     pub sinks: Arc<[Arc<dyn SnapshotSink>]>,
 }
@@ -77,14 +81,18 @@ impl Pipeline {
 
         // The caches, registry and log writer are light; they share one thread.
         let control = Arbiter::new();
+        let (segments, segment_writer) = SegmentCapture::new(&config.segments, store.clone());
+        control.spawn(segment_writer.run());
         let tasks = config.tasks.clone();
         let cache_store = store.clone();
+        let cache_segments = segments.clone();
         let task_cache = TaskCacheActor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskCacheActor::new(
                 cache_store,
                 Duration::from_millis(tasks.cache_refresh_interval_ms),
                 Duration::from_millis(tasks.cache_expire_ms),
                 tasks.cache_max_services,
+                cache_segments,
             )
         });
         let by_id_store = store.clone();
@@ -134,6 +142,7 @@ impl Pipeline {
                 instances,
                 retention,
                 store,
+                segments,
                 sinks,
             },
             arbiters,

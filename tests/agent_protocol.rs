@@ -461,20 +461,26 @@ async fn test_management_lists_live_instances() {
 #[tokio::test]
 async fn test_discarded_services_answer() {
     use skysnap::proto::v3::trace_segment_report_service_client::TraceSegmentReportServiceClient;
-    use skysnap::proto::v3::Discarded;
+    use skysnap::proto::v3::SegmentObject;
     let mut server = Server::start(&[]);
     let mut client = TraceSegmentReportServiceClient::connect(server.grpc.clone())
         .await
         .unwrap();
     client
-        .collect(tokio_stream::iter(vec![Discarded {}, Discarded {}]))
+        .collect(tokio_stream::iter(vec![
+            SegmentObject::default(),
+            SegmentObject::default(),
+        ]))
         .await
         .expect("segments accepted and dropped");
     assert_eq!(
         server
             .metric(
                 "skysnap_discarded_messages_total",
-                &["service=\"trace_segment\""]
+                &[
+                    "service=\"skywalking.v3.TraceSegmentReportService\"",
+                    "method=\"collect\""
+                ]
             )
             .await,
         2.0

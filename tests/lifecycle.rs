@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -441,79 +440,11 @@ async fn test_slow_store_pushes_back_on_the_stream() {
 }
 
 /// A throwaway CA and a `localhost` certificate signed by it, made with `openssl`.
-fn make_certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            status.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=skysnap-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ];
-    ca.extend_from_slice(&ec);
-    run(&ca);
-    let mut csr = vec![
-        "req",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "leaf.csr",
-    ];
-    csr.extend_from_slice(&ec);
-    run(&csr);
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "leaf.ext",
-        "-out",
-        "cert.pem",
-    ]);
-}
 
 #[tokio::test]
 async fn test_grpc_over_tls() {
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    common::make_certificates(certs.path());
     let cert = certs.path().join("cert.pem");
     let key = certs.path().join("key.pem");
     let mut server = Server::start(&[

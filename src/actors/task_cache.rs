@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::metrics;
 use crate::model::{now_ms, Task};
+use crate::segments::SegmentCapture;
 use crate::store::{Store, StoreError};
 
 struct CacheEntry {
@@ -82,6 +83,11 @@ impl DownstreamCache {
             .retain(|_, entry| now.duration_since(entry.written_at) < expire_after);
     }
 
+    /// Every cached task, expired entries included until the next purge.
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.entries.values().flat_map(|entry| entry.tasks.iter())
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -131,6 +137,8 @@ pub struct TaskCacheActor {
     cache: DownstreamCache,
     store: Arc<dyn Store>,
     refresh_interval: Duration,
+    /// Told the running tasks after every change, to match passing trace segments.
+    segments: SegmentCapture,
 }
 
 impl TaskCacheActor {
@@ -139,12 +147,19 @@ impl TaskCacheActor {
         refresh_interval: Duration,
         expire_after: Duration,
         max_services: usize,
+        segments: SegmentCapture,
     ) -> TaskCacheActor {
         TaskCacheActor {
             cache: DownstreamCache::new(expire_after, max_services),
             store,
             refresh_interval,
+            segments,
         }
+    }
+
+    fn publish(&self) {
+        metrics::cache_size("downstream", self.cache.len());
+        self.segments.publish_tasks(self.cache.tasks());
     }
 
     fn apply_refresh(&mut self, tasks: Vec<Task>) -> usize {
@@ -161,7 +176,7 @@ impl TaskCacheActor {
         for (service, tasks) in by_service {
             self.cache.put(service, tasks, now);
         }
-        metrics::cache_size("downstream", self.cache.len());
+        self.publish();
         loaded
     }
 }
@@ -191,7 +206,7 @@ impl Handler<TaskCreated> for TaskCacheActor {
 
     fn handle(&mut self, message: TaskCreated, _ctx: &mut Self::Context) {
         self.cache.add(message.0, Instant::now());
-        metrics::cache_size("downstream", self.cache.len());
+        self.publish();
     }
 }
 
@@ -290,11 +305,14 @@ mod tests {
             .await
             .unwrap();
         store.insert_task(&task("old", "svc", 0)).await.unwrap();
+        let (segments, _writer) =
+            SegmentCapture::new(&crate::config::SegmentsConfig::default(), store.clone());
         let actor = TaskCacheActor::new(
             store,
             Duration::from_secs(3600),
             Duration::from_secs(60),
             10,
+            segments,
         )
         .start();
         assert!(actor

@@ -1,7 +1,6 @@
-//! The agent-facing gRPC server: one file per service, statuses mapped in `status`.
+//! The agent-facing gRPC server: `ProfileTask` is skysnap's own (`profile.rs`, statuses
+//! mapped in `status`); every other path goes to `crate::upstream`'s passthrough.
 
-pub mod discard;
-pub mod management;
 pub mod profile;
 pub mod status;
 
@@ -11,7 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
-use tonic::service::InterceptorLayer;
+use tonic::service::{InterceptorLayer, Routes};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -19,14 +18,9 @@ use crate::config::Config;
 use crate::metrics::GRPC_UNAUTHENTICATED;
 use crate::pipeline::Handles;
 use crate::proto::compat;
-use crate::proto::v3::configuration_discovery_service_server::ConfigurationDiscoveryServiceServer;
-use crate::proto::v3::event_service_server::EventServiceServer;
-use crate::proto::v3::jvm_metric_report_service_server::JvmMetricReportServiceServer;
-use crate::proto::v3::log_report_service_server::LogReportServiceServer;
-use crate::proto::v3::management_service_server::ManagementServiceServer;
-use crate::proto::v3::meter_report_service_server::MeterReportServiceServer;
 use crate::proto::v3::profile_task_server::ProfileTaskServer;
-use crate::proto::v3::trace_segment_report_service_server::TraceSegmentReportServiceServer;
+use crate::upstream::tap::Taps;
+use crate::upstream::Passthrough;
 
 /// Calls being handled now. Shutdown waits for this to reach zero rather than for
 /// agents to close their connections, which they keep open for as long as they run.
@@ -147,40 +141,26 @@ pub async fn serve(
             .map_err(|error| anyhow::anyhow!("invalid gRPC TLS configuration: {error}"))?;
     }
     let token = config.auth.agent_token.as_deref().map(Arc::<str>::from);
+    let taps = Taps::new(handles.instances.clone(), handles.segments.clone(), limit);
+    let passthrough = Passthrough::new(&config.upstream, taps, in_flight)?;
 
-    macro_rules! limited {
-        ($server:expr) => {
-            $server
-                .max_decoding_message_size(limit)
-                .accept_compressed(CompressionEncoding::Gzip)
-        };
-    }
-
+    let limited = |server: ProfileTaskServer<profile::ProfileService>| {
+        server
+            .max_decoding_message_size(limit)
+            .accept_compressed(CompressionEncoding::Gzip)
+    };
+    let compat = compat::profile_task_server::ProfileTaskServer::new(profile.clone())
+        .max_decoding_message_size(limit)
+        .accept_compressed(CompressionEncoding::Gzip);
+    // skysnap answers ProfileTask (both names) itself; every other path, known or not,
+    // goes to the passthrough: forwarded upstream, or answered here and counted.
+    let routes = Routes::new(limited(ProfileTaskServer::new(profile)))
+        .add_service(compat)
+        .into_axum_router()
+        .fallback_service(passthrough);
     builder
         .layer(InterceptorLayer::new(check_token(token)))
-        .add_service(limited!(ProfileTaskServer::new(profile.clone())))
-        .add_service(limited!(
-            compat::profile_task_server::ProfileTaskServer::new(profile)
-        ))
-        .add_service(limited!(ManagementServiceServer::new(
-            management::ManagementHandler::new(handles, in_flight)
-        )))
-        .add_service(limited!(TraceSegmentReportServiceServer::new(
-            discard::DiscardService
-        )))
-        .add_service(limited!(LogReportServiceServer::new(
-            discard::DiscardService
-        )))
-        .add_service(limited!(MeterReportServiceServer::new(
-            discard::DiscardService
-        )))
-        .add_service(limited!(JvmMetricReportServiceServer::new(
-            discard::DiscardService
-        )))
-        .add_service(limited!(EventServiceServer::new(discard::DiscardService)))
-        .add_service(limited!(ConfigurationDiscoveryServiceServer::new(
-            discard::DiscardService
-        )))
+        .add_routes(Routes::from(routes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

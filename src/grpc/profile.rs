@@ -176,6 +176,8 @@ impl ProfileService {
         // Whether each task id of this stream is known; asked once per task per stream.
         let mut known_tasks: HashMap<String, bool> = HashMap::new();
         let mut stream_error: Option<Status> = None;
+        // Agents send a segment's snapshots together: the index is told once per run.
+        let mut last_segment: Option<String> = None;
         let mut chunks = stream.ready_chunks(self.chunk_snapshots);
 
         'read: while let Some(chunk) = chunks.next().await {
@@ -196,6 +198,10 @@ impl ProfileService {
                         continue;
                     }
                 };
+                if last_segment.as_deref() != Some(record.segment_id.as_str()) {
+                    self.handles.segments.note_snapshot(&record.segment_id);
+                    last_segment = Some(record.segment_id.clone());
+                }
                 if !self.is_known_task(&record.task_id, &mut known_tasks).await {
                     self.snapshots_unknown_task.increment(1);
                 }

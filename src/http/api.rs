@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -13,7 +13,10 @@ use super::AppState;
 use crate::actors::instances::ListServices;
 use crate::actors::task_by_id::GetTask;
 use crate::actors::task_registry::CreateTask;
-use crate::model::{now_ms, SegmentSummary, ServiceInstances, SnapshotRecord, Task, TaskLog};
+use crate::analysis::span_tree::{span_tree, SpanNode};
+use crate::model::{
+    now_ms, ProfiledSegment, SegmentSummary, ServiceInstances, SnapshotRecord, Task, TaskLog,
+};
 use crate::store::TaskFilter;
 use crate::tasks::NewTask;
 
@@ -100,6 +103,64 @@ pub async fn segment_snapshots(
             .segment_snapshots(&segment_id, limit)
             .await?,
     ))
+}
+
+/// A kept segment without its spans: what the span tree belongs to.
+#[derive(Debug, Serialize)]
+pub struct SegmentHead {
+    segment_id: String,
+    trace_id: String,
+    service: String,
+    instance: String,
+    endpoint: String,
+    start_time: i64,
+    end_time: i64,
+    duration: i64,
+    is_error: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SegmentWithSpans {
+    segment: SegmentHead,
+    spans: Vec<SpanNode>,
+}
+
+pub async fn segment(
+    State(state): State<AppState>,
+    Path(segment_id): Path<String>,
+) -> Result<Json<SegmentWithSpans>, ApiError> {
+    let Some(segment) = state.handles.store.profiled_segment(&segment_id).await? else {
+        return Err(ApiError::NotFound(format!(
+            "segment {segment_id} not found"
+        )));
+    };
+    let spans = span_tree(&segment.spans);
+    let ProfiledSegment {
+        segment_id,
+        trace_id,
+        service,
+        instance,
+        endpoint,
+        start_time,
+        end_time,
+        duration,
+        is_error,
+        spans: _,
+    } = segment;
+    Ok(Json(SegmentWithSpans {
+        segment: SegmentHead {
+            segment_id,
+            trace_id,
+            service,
+            instance,
+            endpoint,
+            start_time,
+            end_time,
+            duration,
+            is_error,
+        },
+        spans,
+    }))
 }
 
 pub async fn services(

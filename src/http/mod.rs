@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{id}", get(api::get_task))
         .route("/tasks/{id}/logs", get(api::task_logs))
         .route("/tasks/{id}/segments", get(api::task_segments))
+        .route("/segments/{segment_id}", get(api::segment))
         .route(
             "/segments/{segment_id}/snapshots",
             get(api::segment_snapshots),

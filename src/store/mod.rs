@@ -7,7 +7,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::model::{SegmentSummary, SnapshotRecord, Task, TaskLog};
+use crate::model::{ProfiledSegment, SegmentSummary, SnapshotRecord, Task, TaskLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -141,6 +141,24 @@ pub trait Store: Send + Sync + 'static {
         &self,
         filter: &SnapshotFilter,
     ) -> BoxStream<'static, Result<StackCount, StoreError>>;
+
+    /// Writes profiled segments with their spans, each in one row (never half a
+    /// segment); a segment id already stored is replaced, not doubled.
+    async fn insert_profiled_segments(
+        &self,
+        segments: &[ProfiledSegment],
+    ) -> Result<(), StoreError>;
+    /// A kept segment with its spans.
+    async fn profiled_segment(
+        &self,
+        segment_id: &str,
+    ) -> Result<Option<ProfiledSegment>, StoreError>;
+    /// Which of the given segment ids have at least one snapshot stored (the look-up for
+    /// trace segments the in-memory index does not know).
+    async fn segments_with_snapshots(
+        &self,
+        segment_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Removes records whose time bucket is older than `cutoff_ms`; answers how many
     /// rows went (0 where the store expires rows itself, e.g. ClickHouse TTL).

@@ -15,8 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::model::{
-    minute_bucket, second_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog,
+    minute_bucket, second_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary,
+    SnapshotRecord, Task, TaskLog,
 };
+
+/// Segment ids one `IN (…)` look-up carries at most (SQLite allows 32,766 parameters;
+/// smaller statements keep each look-up short).
+const SEGMENT_LOOKUP_CHUNK: usize = 500;
 
 /// Rows one retention statement deletes at most, so writers never wait long.
 const RETENTION_CHUNK_ROWS: i64 = 10_000;
@@ -30,8 +35,9 @@ const STACK_COUNT_FLUSH_BYTES: usize = 32 * 1024 * 1024;
 /// Rows a flame-graph scan reads between two checks that its reader is still there.
 const STACK_COUNT_CHECK_ROWS: u64 = 4_096;
 
-/// Tables, keys and indexes. Stacks are JSON arrays of frames, so that `sqlite3` shows
-/// them and `json_each` can query them. Snapshot rows (~2 KB) live in a rowid table,
+/// Tables, keys and indexes. Stacks are JSON arrays of frames, and a profiled segment's
+/// spans a JSON array of span objects, so that `sqlite3` shows them and `json_each` can
+/// query them; a segment is one row, so it is never stored half. Snapshot rows (~2 KB) live in a rowid table,
 /// appended in arrival order, with the key as a unique index: SQLite advises WITHOUT
 /// ROWID only for small rows, and a key-ordered table of 2 KB rows splits pages on
 /// most inserts (measured: 3x slower and 2x larger on disk).
@@ -76,6 +82,21 @@ CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_segment
     ON profile_thread_snapshot (segment_id, sequence);
 CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_bucket
     ON profile_thread_snapshot (time_bucket);
+
+CREATE TABLE IF NOT EXISTS profiled_segment (
+    segment_id  TEXT PRIMARY KEY,
+    trace_id    TEXT NOT NULL,
+    service     TEXT NOT NULL,
+    instance    TEXT NOT NULL,
+    endpoint    TEXT NOT NULL,
+    start_time  INTEGER NOT NULL,
+    end_time    INTEGER NOT NULL,
+    duration    INTEGER NOT NULL,
+    is_error    INTEGER NOT NULL,
+    time_bucket INTEGER NOT NULL,
+    spans       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS profiled_segment_by_bucket ON profiled_segment (time_bucket);
 ";
 
 pub struct SqliteStore {
@@ -352,6 +373,22 @@ struct SqliteSnapshotRow {
     stack_json: String,
 }
 
+/// A profiled segment as the writer thread inserts it.
+struct SqliteProfiledSegmentRow {
+    segment_id: String,
+    trace_id: String,
+    service: String,
+    instance: String,
+    endpoint: String,
+    start_time: i64,
+    end_time: i64,
+    duration: i64,
+    is_error: bool,
+    time_bucket: i64,
+    /// The spans as a JSON array of span objects, queryable with `json_each`.
+    spans_json: String,
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
@@ -546,10 +583,15 @@ impl Store for SqliteStore {
     async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError> {
         let task_id = task_id.to_string();
         self.read(move |connection| {
+            // The trace fields come from the kept segment, when there is one.
             let mut statement = connection.prepare_cached(
-                "SELECT segment_id, COUNT(*), MIN(dump_time), MAX(dump_time) \
-                 FROM profile_thread_snapshot WHERE task_id = ?1 \
-                 GROUP BY segment_id ORDER BY MIN(dump_time), segment_id",
+                "SELECT s.segment_id, s.snapshot_count, s.first_dump_time, s.last_dump_time, \
+                 p.trace_id, p.endpoint, p.start_time, p.duration, p.is_error \
+                 FROM (SELECT segment_id, COUNT(*) AS snapshot_count, \
+                       MIN(dump_time) AS first_dump_time, MAX(dump_time) AS last_dump_time \
+                       FROM profile_thread_snapshot WHERE task_id = ?1 GROUP BY segment_id) AS s \
+                 LEFT JOIN profiled_segment AS p ON p.segment_id = s.segment_id \
+                 ORDER BY s.first_dump_time, s.segment_id",
             )?;
             let rows = statement.query_map([task_id], |row| {
                 Ok(SegmentSummary {
@@ -557,6 +599,11 @@ impl Store for SqliteStore {
                     snapshot_count: row.get(1)?,
                     first_dump_time: row.get(2)?,
                     last_dump_time: row.get(3)?,
+                    trace_id: row.get(4)?,
+                    endpoint: row.get(5)?,
+                    start_time: row.get(6)?,
+                    duration: row.get(7)?,
+                    is_error: row.get(8)?,
                 })
             })?;
             rows.collect()
@@ -647,6 +694,135 @@ impl Store for SqliteStore {
         ReceiverStream::new(receiver).boxed()
     }
 
+    async fn insert_profiled_segments(
+        &self,
+        segments: &[ProfiledSegment],
+    ) -> Result<(), StoreError> {
+        // Encoded outside the writer lock, the spans as one JSON text per segment.
+        let rows: Vec<SqliteProfiledSegmentRow> = segments
+            .iter()
+            .map(|segment| SqliteProfiledSegmentRow {
+                segment_id: segment.segment_id.clone(),
+                trace_id: segment.trace_id.clone(),
+                service: segment.service.clone(),
+                instance: segment.instance.clone(),
+                endpoint: segment.endpoint.clone(),
+                start_time: segment.start_time,
+                end_time: segment.end_time,
+                duration: segment.duration,
+                is_error: segment.is_error,
+                time_bucket: segment.time_bucket(),
+                spans_json: serde_json::to_string(&segment.spans).expect("spans serialise"),
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            {
+                // A segment sent again replaces the stored one (a later one in the same
+                // batch wins, as in ClickHouse).
+                let mut statement = transaction.prepare_cached(
+                    "INSERT OR REPLACE INTO profiled_segment (segment_id, trace_id, service, \
+                     instance, endpoint, start_time, end_time, duration, is_error, \
+                     time_bucket, spans) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?;
+                for row in &rows {
+                    statement.execute(params![
+                        row.segment_id,
+                        row.trace_id,
+                        row.service,
+                        row.instance,
+                        row.endpoint,
+                        row.start_time,
+                        row.end_time,
+                        row.duration,
+                        row.is_error,
+                        row.time_bucket,
+                        row.spans_json,
+                    ])?;
+                }
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
+    async fn profiled_segment(
+        &self,
+        segment_id: &str,
+    ) -> Result<Option<ProfiledSegment>, StoreError> {
+        let segment_id = segment_id.to_string();
+        self.read(move |connection| {
+            connection
+                .prepare_cached(
+                    "SELECT segment_id, trace_id, service, instance, endpoint, start_time, \
+                     end_time, duration, is_error, spans \
+                     FROM profiled_segment WHERE segment_id = ?1",
+                )?
+                .query_row([segment_id], |row| {
+                    let spans: Vec<ProfiledSpan> = serde_json::from_str(row.get_ref(9)?.as_str()?)
+                        .map_err(|error| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                9,
+                                rusqlite::types::Type::Text,
+                                Box::new(error),
+                            )
+                        })?;
+                    Ok(ProfiledSegment {
+                        segment_id: row.get(0)?,
+                        trace_id: row.get(1)?,
+                        service: row.get(2)?,
+                        instance: row.get(3)?,
+                        endpoint: row.get(4)?,
+                        start_time: row.get(5)?,
+                        end_time: row.get(6)?,
+                        duration: row.get(7)?,
+                        is_error: row.get(8)?,
+                        spans,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn segments_with_snapshots(
+        &self,
+        segment_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let wanted = distinct_in_order(segment_ids);
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |connection| {
+            let mut found = std::collections::HashSet::new();
+            for chunk in wanted.chunks(SEGMENT_LOOKUP_CHUNK) {
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                // Served by the (segment_id, sequence) index. Not cached: the last
+                // chunk's length varies.
+                let mut statement = connection.prepare(&format!(
+                    "SELECT DISTINCT segment_id FROM profile_thread_snapshot \
+                     WHERE segment_id IN ({placeholders})"
+                ))?;
+                let rows = statement
+                    .query_map(rusqlite::params_from_iter(chunk.iter()), |row| {
+                        row.get::<_, String>(0)
+                    })?;
+                for row in rows {
+                    found.insert(row?);
+                }
+            }
+            Ok(wanted
+                .into_iter()
+                .filter(|segment_id| found.contains(segment_id))
+                .collect())
+        })
+        .await
+    }
+
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         let minute_cutoff = minute_bucket(cutoff_ms);
         let second_cutoff = second_bucket(cutoff_ms);
@@ -663,6 +839,7 @@ impl Store for SqliteStore {
                 second_cutoff,
             ),
             ("profile_task", "id", minute_cutoff),
+            ("profiled_segment", "segment_id", second_cutoff),
         ];
         for (table, key, cutoff_bucket) in tables {
             // One writer-lock hold per table pass; each chunk is its own statement.
@@ -672,6 +849,16 @@ impl Store for SqliteStore {
         }
         Ok(removed)
     }
+}
+
+/// The ids once each, in the order first given.
+fn distinct_in_order(segment_ids: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    segment_ids
+        .iter()
+        .filter(|segment_id| seen.insert(segment_id.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Deletes expired rows of one table chunk by chunk; answers the rows deleted.

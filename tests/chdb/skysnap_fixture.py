@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DDL = ROOT / "schemas" / "clickhouse.sql"
 EXAMPLES = ROOT / "schemas" / "examples.sql"
-TABLES = ("profile_task", "profile_task_log", "profile_thread_snapshot")
+TABLES = ("profile_task", "profile_task_log", "profile_thread_snapshot", "profiled_segment")
 FILE_DATABASE = "skysnap"  # the database schemas/clickhouse.sql and examples.sql name
 
 TASK = str(uuid.UUID("3f1c2a4e-8b7d-4c1e-9a0f-5d6e7f809a1b"))
@@ -116,6 +116,31 @@ LOGS = [
 RESENT_LOG = LOGS[0]
 
 
+def profiled_segment_row(segment, trace_id, start, spans):
+    """A kept segment as skysnap writes it: one row, the spans as parallel arrays.
+    spans: (span_id, parent_span_id, operation_name, peer, type, layer, component, start, end, error)."""
+    end = max(span[8] for span in spans)
+    columns = list(zip(*spans))
+    return (segment, trace_id, "shop", "shop-1", "/orders", start, end, end - start,
+            int(any(span[9] for span in spans)), bucket_second(start)) + tuple(list(c) for c in columns)
+
+
+# SEG_A kept with its three spans, SEG_B with its entry span only; SEG_A sent again by the
+# agent with another trace id, in a part of its own: the later row is the one FINAL reads.
+SEG_A_SPANS = [
+    (2, 1, "Mysql/JDBC/PreparedStatement/executeQuery", "mysql:3306", "Exit", "Database", 5012,
+     START + 30_020, START + 30_070, 0),
+    (1, 0, "com.shop.OrderController.list", "", "Local", "Unknown", 0, START + 30_010, START + 30_080, 0),
+    (0, -1, "/orders", "", "Entry", "Http", 1, START + 30_000, START + 30_090, 0),
+]
+PROFILED = [
+    profiled_segment_row(SEG_A, "trace-a", START + 30_000, SEG_A_SPANS),
+    profiled_segment_row(SEG_B, "trace-b", START + 30_000,
+                         [(0, -1, "/orders", "", "Entry", "Http", 1, START + 30_000, START + 30_050, 1)]),
+]
+RESENT_PROFILED = profiled_segment_row(SEG_A, "trace-a-resent", START + 30_000, SEG_A_SPANS)
+
+
 def lit(v):
     """A ClickHouse literal for a Python value."""
     if isinstance(v, str):
@@ -137,6 +162,8 @@ def insert_statements(database):
         f"INSERT INTO {database}.profile_task_log VALUES {values([RESENT_LOG])}",
         f"INSERT INTO {database}.profile_thread_snapshot VALUES {values(SNAPSHOTS + OTHER_SNAPSHOTS)}",
         f"INSERT INTO {database}.profile_thread_snapshot VALUES {values(RESENT)}",
+        f"INSERT INTO {database}.profiled_segment VALUES {values(PROFILED)}",
+        f"INSERT INTO {database}.profiled_segment VALUES {values([RESENT_PROFILED])}",
     ]
 
 

@@ -118,6 +118,15 @@ def run_recipe(server, name, **placeholders):
     return server["query"](recipe(name, server["database"], **placeholders))
 
 
+def test_profiled_segment_resent_is_replaced(server):
+    """A kept segment sent again is read once, as the later row, on this server too."""
+    db = server["database"]
+    assert server["query"](f"SELECT count() FROM {db}.profiled_segment") == [[3]]
+    rows = server["query"](f"SELECT segment_id, trace_id, length(span_id) FROM {db}.profiled_segment FINAL "
+                           "ORDER BY segment_id")
+    assert rows == [[SEG_A, "trace-a-resent", 3], [SEG_B, "trace-b", 1]]
+
+
 def test_server_version_and_ddl(server):
     # Which server ran the recipes goes into the test log.
     print(f"ClickHouse {server['version']} at {URL}, database {server['database']}")

@@ -86,6 +86,9 @@ def test_snapshot_codecs_and_low_cardinality_in_effect(db):
     assert "`stack` Array(String) CODEC(ZSTD(3))" in snap
     assert "`dump_time` Int64 CODEC(Delta(8), ZSTD(1))" in snap
     assert "`service` LowCardinality(String)" in db("SHOW CREATE TABLE skysnap.profile_task", "TSVRaw")
+    kept = db("SHOW CREATE TABLE skysnap.profiled_segment", "TSVRaw")
+    assert "`span_type` Array(LowCardinality(String))" in kept
+    assert "`span_start_time` Array(Int64) CODEC(Delta(8), ZSTD(1))" in kept
 
 
 def test_duplicates_are_really_stored_and_final_counts_each_key_once(db):
@@ -99,6 +102,19 @@ def test_duplicates_are_really_stored_and_final_counts_each_key_once(db):
     rows = db(f"SELECT instance, operation, operation_name FROM skysnap.profile_task_log FINAL "
               f"WHERE task_id = {lit(TASK)} ORDER BY operation_time")
     assert rows == [["shop-1", 1, "NOTIFIED"], ["shop-1", 2, "EXECUTION_FINISHED"]]
+
+
+def test_profiled_segment_resent_is_replaced_and_spans_unfold(db):
+    assert db("SELECT count() FROM skysnap.profiled_segment") == [[3]]
+    rows = db("SELECT segment_id, trace_id, endpoint, duration, is_error FROM skysnap.profiled_segment FINAL "
+              "ORDER BY segment_id")
+    assert rows == [[SEG_A, "trace-a-resent", "/orders", 90, 0], [SEG_B, "trace-b", "/orders", 50, 1]]
+    spans = db("SELECT span_id, span_parent_id, span_operation_name, span_end_time - span_start_time "
+               "FROM skysnap.profiled_segment FINAL "
+               "ARRAY JOIN span_id, span_parent_id, span_operation_name, span_start_time, span_end_time "
+               f"WHERE segment_id = {lit(SEG_A)} ORDER BY span_start_time")
+    assert spans == [[0, -1, "/orders", 90], [1, 0, "com.shop.OrderController.list", 70],
+                     [2, 1, "Mysql/JDBC/PreparedStatement/executeQuery", 50]]
 
 
 def test_task_row_round_trips(db):

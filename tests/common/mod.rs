@@ -708,3 +708,74 @@ pub fn aged_segment(segment: &str, age_ms: i64) -> Vec<ThreadSnapshot> {
         })
         .collect()
 }
+
+/// A test CA (`ca.pem`) and a certificate for `localhost` it signed (`cert.pem`,
+/// `key.pem`), made with the openssl command.
+pub fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            status.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=skysnap-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend_from_slice(&ec);
+    run(&ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ];
+    csr.extend_from_slice(&ec);
+    run(&csr);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
+    ]);
+}

@@ -14,7 +14,10 @@ use futures::stream::{BoxStream, StreamExt as _};
 
 use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::config::ClickHouseConfig;
-use crate::model::{minute_bucket, Operation, SegmentSummary, SnapshotRecord, Task, TaskLog};
+use crate::model::{
+    minute_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary, SnapshotRecord, Task,
+    TaskLog,
+};
 use schema::ServerVersion;
 
 /// A ClickHouse client on the crate's own HTTP defaults plus `TCP_NODELAY`. Without it
@@ -144,12 +147,176 @@ impl<'a> From<&'a SnapshotRecord> for SnapshotInsertRow<'a> {
     }
 }
 
+/// A task's segment with its snapshot counts and, when `kept` is 1, the trace fields of
+/// its kept segment (a LEFT JOIN without a match leaves them at their defaults: 18.16
+/// joins without NULLs).
 #[derive(Debug, Row, Deserialize)]
 struct SegmentRow {
     segment_id: String,
     snapshot_count: u64,
     first_dump_time: i64,
     last_dump_time: i64,
+    kept: u8,
+    trace_id: String,
+    endpoint: String,
+    start_time: i64,
+    duration: i64,
+    is_error: u8,
+}
+
+impl From<SegmentRow> for SegmentSummary {
+    fn from(row: SegmentRow) -> SegmentSummary {
+        let kept = row.kept != 0;
+        SegmentSummary {
+            segment_id: row.segment_id,
+            snapshot_count: i64::try_from(row.snapshot_count).unwrap_or(i64::MAX),
+            first_dump_time: row.first_dump_time,
+            last_dump_time: row.last_dump_time,
+            trace_id: kept.then_some(row.trace_id),
+            endpoint: kept.then_some(row.endpoint),
+            start_time: kept.then_some(row.start_time),
+            duration: kept.then_some(row.duration),
+            is_error: kept.then_some(row.is_error != 0),
+        }
+    }
+}
+
+/// Segment ids one `IN (…)` look-up carries at most, so that no query text grows without
+/// bound.
+const SEGMENT_LOOKUP_CHUNK: usize = 500;
+
+/// A profiled segment as written: one row, its spans as parallel arrays (one element per
+/// span, in the order the agent sent them), borrowed from the segment.
+#[derive(Debug, Row, Serialize)]
+struct ProfiledSegmentInsertRow<'a> {
+    segment_id: &'a str,
+    trace_id: &'a str,
+    service: &'a str,
+    instance: &'a str,
+    endpoint: &'a str,
+    start_time: i64,
+    end_time: i64,
+    duration: i64,
+    is_error: u8,
+    time_bucket: i64,
+    span_id: Vec<i32>,
+    span_parent_id: Vec<i32>,
+    span_operation_name: Vec<&'a str>,
+    span_peer: Vec<&'a str>,
+    span_type: Vec<&'a str>,
+    span_layer: Vec<&'a str>,
+    span_component_id: Vec<i32>,
+    span_start_time: Vec<i64>,
+    span_end_time: Vec<i64>,
+    span_is_error: Vec<u8>,
+}
+
+impl<'a> From<&'a ProfiledSegment> for ProfiledSegmentInsertRow<'a> {
+    fn from(segment: &'a ProfiledSegment) -> ProfiledSegmentInsertRow<'a> {
+        let spans = &segment.spans;
+        ProfiledSegmentInsertRow {
+            segment_id: &segment.segment_id,
+            trace_id: &segment.trace_id,
+            service: &segment.service,
+            instance: &segment.instance,
+            endpoint: &segment.endpoint,
+            start_time: segment.start_time,
+            end_time: segment.end_time,
+            duration: segment.duration,
+            is_error: u8::from(segment.is_error),
+            time_bucket: segment.time_bucket(),
+            span_id: spans.iter().map(|span| span.span_id).collect(),
+            span_parent_id: spans.iter().map(|span| span.parent_span_id).collect(),
+            span_operation_name: spans.iter().map(|span| &*span.operation_name).collect(),
+            span_peer: spans.iter().map(|span| &*span.peer).collect(),
+            span_type: spans.iter().map(|span| &*span.span_type).collect(),
+            span_layer: spans.iter().map(|span| &*span.span_layer).collect(),
+            span_component_id: spans.iter().map(|span| span.component_id).collect(),
+            span_start_time: spans.iter().map(|span| span.start_time).collect(),
+            span_end_time: spans.iter().map(|span| span.end_time).collect(),
+            span_is_error: spans.iter().map(|span| u8::from(span.is_error)).collect(),
+        }
+    }
+}
+
+/// A profiled segment as read back; its fields are the insert row's, owned.
+#[derive(Debug, Row, Deserialize)]
+struct ProfiledSegmentRow {
+    segment_id: String,
+    trace_id: String,
+    service: String,
+    instance: String,
+    endpoint: String,
+    start_time: i64,
+    end_time: i64,
+    duration: i64,
+    is_error: u8,
+    span_id: Vec<i32>,
+    span_parent_id: Vec<i32>,
+    span_operation_name: Vec<String>,
+    span_peer: Vec<String>,
+    span_type: Vec<String>,
+    span_layer: Vec<String>,
+    span_component_id: Vec<i32>,
+    span_start_time: Vec<i64>,
+    span_end_time: Vec<i64>,
+    span_is_error: Vec<u8>,
+}
+
+impl TryFrom<ProfiledSegmentRow> for ProfiledSegment {
+    type Error = StoreError;
+
+    fn try_from(row: ProfiledSegmentRow) -> Result<ProfiledSegment, StoreError> {
+        let count = row.span_id.len();
+        let lengths = [
+            row.span_parent_id.len(),
+            row.span_operation_name.len(),
+            row.span_peer.len(),
+            row.span_type.len(),
+            row.span_layer.len(),
+            row.span_component_id.len(),
+            row.span_start_time.len(),
+            row.span_end_time.len(),
+            row.span_is_error.len(),
+        ];
+        // skysnap writes them equal; a row written by hand may not be.
+        if lengths.iter().any(|&length| length != count) {
+            return Err(StoreError::Rejected(format!(
+                "clickhouse: profiled segment {} has span arrays of unequal lengths",
+                row.segment_id
+            )));
+        }
+        let mut operation_names = row.span_operation_name.into_iter();
+        let mut peers = row.span_peer.into_iter();
+        let mut types = row.span_type.into_iter();
+        let mut layers = row.span_layer.into_iter();
+        let spans = (0..count)
+            .map(|index| ProfiledSpan {
+                span_id: row.span_id[index],
+                parent_span_id: row.span_parent_id[index],
+                operation_name: operation_names.next().unwrap_or_default(),
+                peer: peers.next().unwrap_or_default(),
+                span_type: types.next().unwrap_or_default(),
+                span_layer: layers.next().unwrap_or_default(),
+                component_id: row.span_component_id[index],
+                start_time: row.span_start_time[index],
+                end_time: row.span_end_time[index],
+                is_error: row.span_is_error[index] != 0,
+            })
+            .collect();
+        Ok(ProfiledSegment {
+            segment_id: row.segment_id,
+            trace_id: row.trace_id,
+            service: row.service,
+            instance: row.instance,
+            endpoint: row.endpoint,
+            start_time: row.start_time,
+            end_time: row.end_time,
+            duration: row.duration,
+            is_error: row.is_error != 0,
+            spans,
+        })
+    }
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -414,27 +581,34 @@ impl Store for ClickHouseStore {
     }
 
     async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError> {
+        // The kept segments are read for this task's segment ids only; ANY keeps one row
+        // per segment id even before a merge collapsed a re-sent one in another partition.
+        // Current servers want both sides of the JOIN named.
         let rows = self
             .client
             .query(
-                "SELECT segment_id, count() AS snapshot_count, min(dump_time) AS first_dump_time, \
-                 max(dump_time) AS last_dump_time \
-                 FROM (SELECT segment_id, dump_time FROM profile_thread_snapshot FINAL WHERE task_id = ?) \
-                 GROUP BY segment_id ORDER BY first_dump_time, segment_id",
+                "SELECT segment_id, snapshot_count, first_dump_time, last_dump_time, \
+                 kept, trace_id, endpoint, start_time, duration, is_error \
+                 FROM ( \
+                     SELECT segment_id, count() AS snapshot_count, \
+                     min(dump_time) AS first_dump_time, max(dump_time) AS last_dump_time \
+                     FROM (SELECT segment_id, dump_time FROM profile_thread_snapshot FINAL \
+                           WHERE task_id = ?) \
+                     GROUP BY segment_id \
+                 ) AS snapshots ANY LEFT JOIN ( \
+                     SELECT segment_id, toUInt8(1) AS kept, trace_id, endpoint, start_time, \
+                     duration, is_error FROM profiled_segment FINAL \
+                     WHERE segment_id IN \
+                         (SELECT segment_id FROM profile_thread_snapshot WHERE task_id = ?) \
+                 ) AS kept_segments USING segment_id \
+                 ORDER BY first_dump_time, segment_id",
             )
+            .bind(task_id)
             .bind(task_id)
             .fetch_all::<SegmentRow>()
             .await
             .map_err(map_error)?;
-        Ok(rows
-            .into_iter()
-            .map(|row| SegmentSummary {
-                segment_id: row.segment_id,
-                snapshot_count: i64::try_from(row.snapshot_count).unwrap_or(i64::MAX),
-                first_dump_time: row.first_dump_time,
-                last_dump_time: row.last_dump_time,
-            })
-            .collect())
+        Ok(rows.into_iter().map(SegmentSummary::from).collect())
     }
 
     async fn segment_snapshots(
@@ -556,6 +730,69 @@ impl Store for ClickHouseStore {
         .boxed()
     }
 
+    async fn insert_profiled_segments(
+        &self,
+        segments: &[ProfiledSegment],
+    ) -> Result<(), StoreError> {
+        // One row per segment id, the last one given winning, as in SQLite: rows of one
+        // INSERT that share a key are not collapsed in a defined order.
+        let mut last_of: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(segments.len());
+        for (index, segment) in segments.iter().enumerate() {
+            last_of.insert(&segment.segment_id, index);
+        }
+        let rows: Vec<ProfiledSegmentInsertRow<'_>> = segments
+            .iter()
+            .enumerate()
+            .filter(|(index, segment)| last_of[segment.segment_id.as_str()] == *index)
+            .map(|(_, segment)| ProfiledSegmentInsertRow::from(segment))
+            .collect();
+        self.insert_rows::<ProfiledSegmentInsertRow<'_>>("profiled_segment", &rows)
+            .await
+    }
+
+    async fn profiled_segment(
+        &self,
+        segment_id: &str,
+    ) -> Result<Option<ProfiledSegment>, StoreError> {
+        let row = self
+            .client
+            .query("SELECT ?fields FROM profiled_segment FINAL WHERE segment_id = ? LIMIT 1")
+            .bind(segment_id)
+            .fetch_optional::<ProfiledSegmentRow>()
+            .await
+            .map_err(map_error)?;
+        row.map(ProfiledSegment::try_from).transpose()
+    }
+
+    async fn segments_with_snapshots(
+        &self,
+        segment_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let wanted: Vec<&String> = segment_ids
+            .iter()
+            .filter(|segment_id| seen.insert(segment_id.as_str()))
+            .collect();
+        let mut found = std::collections::HashSet::new();
+        for chunk in wanted.chunks(SEGMENT_LOOKUP_CHUNK) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let mut query = self.client.query(&format!(
+                "SELECT DISTINCT segment_id FROM profile_thread_snapshot \
+                 WHERE segment_id IN ({placeholders})"
+            ));
+            for segment_id in chunk {
+                query = query.bind(segment_id.as_str());
+            }
+            found.extend(query.fetch_all::<String>().await.map_err(map_error)?);
+        }
+        Ok(wanted
+            .into_iter()
+            .filter(|segment_id| found.contains(*segment_id))
+            .cloned()
+            .collect())
+    }
+
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         if self.version.is_modern() {
             // Table TTL removes expired rows on its own.
@@ -569,7 +806,8 @@ impl Store for ClickHouseStore {
             .query(
                 "SELECT table, partition, sum(rows) AS rows FROM system.parts \
                  WHERE database = ? AND active AND table IN \
-                 ('profile_task', 'profile_task_log', 'profile_thread_snapshot') \
+                 ('profile_task', 'profile_task_log', 'profile_thread_snapshot', \
+                  'profiled_segment') \
                  GROUP BY table, partition",
             )
             .bind(&self.database)

@@ -149,7 +149,7 @@ mod tests {
         assert!(!statements_text.contains("LowCardinality"));
         assert!(legacy.contains("without table TTL: skysnap drops expired partitions"));
         let statements = statements(&legacy);
-        assert_eq!(statements.len(), 4);
+        assert_eq!(statements.len(), 5);
         for statement in &statements[1..] {
             assert!(statement.contains("ORDER BY"), "{statement}");
             assert!(!statement.contains(';'));
@@ -159,14 +159,22 @@ mod tests {
             "{}",
             statements[3]
         );
+        assert!(
+            statements[4].contains("span_type           Array(String),\n"),
+            "{}",
+            statements[4]
+        );
     }
 
     #[test]
     fn test_schema_statements_of_file() {
         let statements = statements(SCHEMA_SQL);
-        assert_eq!(statements.len(), 4);
+        assert_eq!(statements.len(), 5);
         assert!(statements[0].starts_with("CREATE DATABASE"));
-        assert!(statements[3].ends_with("INTERVAL 3 DAY"));
+        for statement in &statements[1..] {
+            assert!(statement.ends_with("INTERVAL 3 DAY"), "{statement}");
+        }
+        assert!(statements[4].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profiled_segment"));
     }
 
     #[test]

@@ -46,10 +46,16 @@ pub struct SegmentLoadReport {
 /// One segment as a Python or Java agent reports an HTTP request: the entry span (id 0,
 /// sent last, as agents send spans when they end), exit spans to a database and an HTTP
 /// peer, and local spans.
-pub fn segment(service: &str, instance: &str, number: u64, spans: usize) -> SegmentObject {
+pub fn segment(
+    run: &str,
+    service: &str,
+    instance: &str,
+    number: u64,
+    spans: usize,
+) -> SegmentObject {
     let now = crate::model::now_ms();
-    let trace_id = format!("{service}.{number}.trace");
-    let segment_id = format!("{service}.{number}.segment");
+    let trace_id = format!("{run}.{number}.trace");
+    let segment_id = format!("{run}.{number}.segment");
     let mut objects = Vec::with_capacity(spans.max(1));
     for span_id in 1..spans.max(1) as i32 {
         let exit = span_id % 2 == 1;
@@ -126,6 +132,9 @@ pub async fn run(options: SegmentLoadOptions) -> anyhow::Result<SegmentLoadRepor
         Some(token) => Some(token.parse()?),
         None => None,
     };
+    // Segment ids unique to this run: a collector refuses (and the OAP logs) a segment id
+    // it already has.
+    let run_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
     let numbers = Arc::new(AtomicU64::new(0));
     let acknowledged = Arc::new(AtomicU64::new(0));
     let streams = Arc::new(AtomicU64::new(0));
@@ -139,7 +148,7 @@ pub async fn run(options: SegmentLoadOptions) -> anyhow::Result<SegmentLoadRepor
         let (numbers, acknowledged, streams) =
             (numbers.clone(), acknowledged.clone(), streams.clone());
         let (latencies, errors) = (latencies.clone(), errors.clone());
-        let (options, token_opt) = (options.clone(), token_opt.clone());
+        let (options, token_opt, run_id) = (options.clone(), token_opt.clone(), run_id.clone());
         callers.push(tokio::spawn(async move {
             let mut client = client;
             let instance = format!("load-{caller}");
@@ -149,6 +158,7 @@ pub async fn run(options: SegmentLoadOptions) -> anyhow::Result<SegmentLoadRepor
                     .map(|_| {
                         let number = numbers.fetch_add(1, Ordering::Relaxed);
                         segment(
+                            &run_id,
                             &options.service,
                             &instance,
                             number,
@@ -158,6 +168,8 @@ pub async fn run(options: SegmentLoadOptions) -> anyhow::Result<SegmentLoadRepor
                     .collect();
                 let count = batch.len() as u64;
                 let mut request = tonic::Request::new(tokio_stream::iter(batch));
+                // A collector that never answers must not hang the run.
+                request.set_timeout(Duration::from_secs(30));
                 if let Some(token) = &token_opt {
                     request
                         .metadata_mut()

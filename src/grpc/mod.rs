@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 use tonic::codec::CompressionEncoding;
 use tonic::service::{InterceptorLayer, Routes};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -158,10 +159,20 @@ pub async fn serve(
         .add_service(compat)
         .into_axum_router()
         .fallback_service(passthrough);
+    // No Nagle on agent connections: a reply skysnap writes in parts (a forwarded reply's
+    // headers, message and trailers arrive from the upstream one by one) would otherwise
+    // wait for the agent's delayed ACK, 40 ms on Linux, after its first part.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on an agent connection");
+            }
+        })
+    });
     builder
         .layer(InterceptorLayer::new(check_token(token)))
         .add_routes(Routes::from(routes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -347,7 +347,12 @@ impl Inner {
             Err(error) => {
                 pool.mark_down(&upstream, "call failed");
                 count_call(&route, Code::Unavailable);
-                let message = format!("upstream OAP {} unreachable: {error}", upstream.address);
+                let mut message = format!("upstream OAP {} unreachable: {error}", upstream.address);
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
                 tracing::debug!(%message);
                 return status_response(Status::unavailable(message));
             }
@@ -417,6 +422,12 @@ async fn pump_request(
             }
         };
         if let Some(data) = frame.data_ref() {
+            // The agent's empty end-of-stream DATA frame shows up as an empty chunk. Sent
+            // on, it would be an empty DATA frame without END_STREAM, which HTTP/2 servers
+            // count as abuse (h2 sends GOAWAY ENHANCE_YOUR_CALM after a few hundred).
+            if data.is_empty() {
+                continue;
+            }
             bytes += data.len() as u64;
             splitter.push(data, |message| {
                 messages += 1;

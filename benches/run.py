@@ -54,6 +54,16 @@ KAFKA_SH = os.path.join(ROOT, "scripts/services/kafka.sh")
 RESULTS = os.path.join(ROOT, "docs/perf/results.json")
 SOAK = os.path.join(ROOT, "docs/perf/soak.json")
 ANALYSIS = os.path.join(ROOT, "docs/perf/analysis.json")
+FORWARDING = os.path.join(ROOT, "docs/perf/forwarding.json")
+# The benchmark's own OAP (benches/run.sh starts it): a bigger heap than the tests' OAP,
+# since H2 in memory keeps every segment, and the JVM's full JIT (the test OAP stops at C1
+# to start fast), so the baseline runs at its best.
+OAP_GRPC = os.environ.get("OAP_BENCH_GRPC", "127.0.0.1:21810")
+# Trace load for forwarding: callers at once x segments per collect stream, each swept,
+# the same for OAP directly and through skysnap; 5 spans per segment.
+FORWARDING_CONCURRENCY = [1, 4, 16, 64]
+FORWARDING_BATCH = [1, 50]
+FORWARDING_SPANS = 5
 DOC = os.path.join(ROOT, "docs/PERFORMANCE.md")
 CLICKHOUSE_URL = os.environ.get("SKYSNAP_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:18123")
 KAFKA_BROKERS = os.environ.get("SKYSNAP_BENCH_KAFKA_BROKERS", "127.0.0.1:19092")
@@ -719,6 +729,89 @@ def measure_analysis():
             "targets": ANALYSIS_TARGETS, "stores": stores, "seconds": time.monotonic() - began}
 
 
+def segment_load(target, concurrency, batch, seconds):
+    command = [SKYSNAP, "load", "--trace-segments", "--target", f"http://{target}", "--json",
+               "--duration", f"{seconds}s", "--agents", str(concurrency), "--streams", "1",
+               "--batch", str(batch), "--spans", str(FORWARDING_SPANS)]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SKYSNAP_")}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    if not finished.stdout.strip():
+        raise RuntimeError(f"skysnap load --trace-segments failed: {finished.stderr[-2000:]}")
+    return json.loads(finished.stdout)
+
+
+def measure_forwarding(seconds):
+    """Trace segments/s and stream ack latency, straight to the OAP and through skysnap
+    (SQLite store, upstream = that OAP), for each point of the sweep, alternating the two
+    so that drift hits both alike."""
+    points = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = skysnap_serve(data_dir, {"SKYSNAP_UPSTREAM_ADDRESSES": OAP_GRPC})
+        try:
+            through = server.addresses["grpc"]
+            log("forwarding: warming up the OAP's JIT and skysnap (not measured)")
+            segment_load(OAP_GRPC, 16, 50, 10)
+            segment_load(through, 16, 50, 5)
+            for batch in FORWARDING_BATCH:
+                for concurrency in FORWARDING_CONCURRENCY:
+                    log(f"forwarding: {concurrency} callers x {batch} segments per stream")
+                    direct = segment_load(OAP_GRPC, concurrency, batch, seconds)
+                    cpu_before = cpu_seconds(server.pid)
+                    forwarded = segment_load(through, concurrency, batch, seconds)
+                    skysnap_cpu = cpu_seconds(server.pid) - cpu_before
+                    points.append({
+                        "concurrency": concurrency,
+                        "batch": batch,
+                        "direct": direct,
+                        "through_skysnap": forwarded,
+                        "skysnap_cpu_seconds": skysnap_cpu,
+                    })
+        finally:
+            server.stop()
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"commit": git_commit(), "machine": f"{os.cpu_count()} cores ({model}), {when}", "seconds": seconds,
+            "spans_per_segment": FORWARDING_SPANS, "oap": "Apache SkyWalking OAP 10.1.0, H2 in memory",
+            "points": points}
+
+
+def render_forwarding(f):
+    def rate(report):
+        return report["segments_per_second"]
+
+    best_direct = max(f["points"], key=lambda p: rate(p["direct"]))
+    best_through = max(f["points"], key=lambda p: rate(p["through_skysnap"]))
+    ratio = rate(best_through["through_skysnap"]) / rate(best_direct["direct"])
+    single = [p for p in f["points"] if p["concurrency"] == 1 and p["batch"] == 1][0]
+    added = single["through_skysnap"]["ack_latency_ms_p50"] - single["direct"]["ack_latency_ms_p50"]
+    lines = [
+        f"Measured at commit `{f['commit']}` on {f['machine']}; {f['oap']}; {f['seconds']} s per point, "
+        f"{f['spans_per_segment']} spans per segment; `skysnap load --trace-segments` as the agent.",
+        "",
+        f"- Best of the sweep: **{rate(best_through['through_skysnap']):,.0f} segments/s through skysnap** "
+        f"({best_through['concurrency']} callers x {best_through['batch']}) vs "
+        f"**{rate(best_direct['direct']):,.0f} straight to OAP** ({best_direct['concurrency']} x "
+        f"{best_direct['batch']}): **{ratio:.0%}** of direct (target: at least 80 %).",
+        f"- Added p50 latency, one caller, one segment per stream: **{added:+.2f} ms** "
+        f"({single['direct']['ack_latency_ms_p50']:.2f} ms direct, "
+        f"{single['through_skysnap']['ack_latency_ms_p50']:.2f} ms through skysnap; target: at most 2 ms).",
+        "",
+        "| callers x segments/stream | direct segments/s | through skysnap | ratio | p50 direct | p50 through | "
+        "skysnap CPU per 1k segments | errors (through) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in f["points"]:
+        d, t = p["direct"], p["through_skysnap"]
+        per_k = p["skysnap_cpu_seconds"] / max(t["segments_acknowledged"], 1) * 1000
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(t["errors"].items())) or "none"
+        lines.append(
+            f"| {p['concurrency']} x {p['batch']} | {rate(d):,.0f} | {rate(t):,.0f} | {rate(t) / max(rate(d), 1e-9):.0%} | "
+            f"{d['ack_latency_ms_p50']:.2f} ms | {t['ack_latency_ms_p50']:.2f} ms | {per_k * 1000:.0f} ms | {errors} |"
+        )
+    return "\n".join(lines)
+
+
 def git_commit():
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
@@ -1013,12 +1106,14 @@ def replace_block(text, name, body):
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
-def write_doc(results, soak_result, analysis=None):
+def write_doc(results, soak_result, analysis=None, forwarding=None):
     with open(DOC) as doc:
         text = doc.read()
     text = replace_block(text, "results", render(results, soak_result))
     if analysis is not None:
         text = replace_block(text, "analysis", render_analysis(analysis))
+    if forwarding is not None:
+        text = replace_block(text, "forwarding", render_forwarding(forwarding))
     with open(DOC, "w") as doc:
         doc.write(text)
 
@@ -1031,17 +1126,25 @@ def main():
                         help="run only the long half-rate memory run (ClickHouse direct)")
     parser.add_argument("--analysis", action="store_true",
                         help="run only the reading side: segment analysis and task flame graphs (~3 min)")
+    parser.add_argument("--forwarding", action="store_true",
+                        help="run only forwarding: trace segments straight to OAP vs through skysnap (~6 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON files")
     args = parser.parse_args()
     if not args.render_only:
-        for binary in (SKYSNAP,) if args.analysis else (SKYSNAP, BARE_GRPC, RAW_CLICKHOUSE):
+        for binary in (SKYSNAP,) if args.analysis or args.forwarding else (SKYSNAP, BARE_GRPC, RAW_CLICKHOUSE):
             if not os.path.exists(binary):
                 sys.exit(f"{binary} is missing; run benches/run.sh, which builds it")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     soak_result = json.load(open(SOAK)) if os.path.exists(SOAK) else None
     analysis = json.load(open(ANALYSIS)) if os.path.exists(ANALYSIS) else None
+    forwarding = json.load(open(FORWARDING)) if os.path.exists(FORWARDING) else None
     if args.render_only:
         results = json.load(open(RESULTS))
+    elif args.forwarding:
+        results = json.load(open(RESULTS))
+        forwarding = measure_forwarding(args.seconds)
+        with open(FORWARDING, "w") as out:
+            json.dump(forwarding, out, indent=2)
     elif args.analysis:
         results = json.load(open(RESULTS))
         analysis = measure_analysis()
@@ -1058,7 +1161,7 @@ def main():
         results = measure_all(args.runs, args.seconds)
         with open(RESULTS, "w") as out:
             json.dump(results, out, indent=2)
-    write_doc(results, soak_result, analysis)
+    write_doc(results, soak_result, analysis, forwarding)
     log(f"wrote {os.path.relpath(DOC, ROOT)}")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every skysnap test on a fresh machine, installing what the tests need when it is
 # missing: builds once, checks formatting and lints, installs and starts ClickHouse
-# (Debian's package) and Apache Kafka (KRaft, jars from Maven Central) on loopback, runs the unit and integration tests (the real
+# (Debian's package), Apache Kafka (KRaft, jars from Maven Central) and two Apache SkyWalking
+# OAP 10.1.0 servers (jars from Maven Central, H2 in memory) on loopback, runs the unit and integration tests (the real
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
 # (apache-skywalking==1.2.0), the browser test of the profiling page (Debian's chromium
@@ -29,12 +30,16 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 
-step "servers: ClickHouse and Kafka on loopback"
+step "servers: ClickHouse, Kafka and two SkyWalking OAPs on loopback"
 trap 'scripts/services/all.sh stop >/dev/null 2>&1 || true' EXIT
 scripts/services/all.sh install
 scripts/services/all.sh start
 export SKYSNAP_TEST_CLICKHOUSE_URL="http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-18123}"
 export SKYSNAP_TEST_KAFKA_BROKERS="127.0.0.1:${KAFKA_PORT:-19092}"
+export SKYSNAP_TEST_OAP_GRPC="127.0.0.1:${OAP_GRPC_PORT:-21800}"
+export SKYSNAP_TEST_OAP_HTTP="127.0.0.1:${OAP_HTTP_PORT:-22800}"
+export SKYSNAP_TEST_OAP2_GRPC="127.0.0.1:${OAP2_GRPC_PORT:-21801}"
+export SKYSNAP_TEST_OAP2_HTTP="127.0.0.1:${OAP2_HTTP_PORT:-22801}"
 
 step "unit and integration tests"
 cargo test --locked
@@ -64,8 +69,10 @@ if ! "$venv/bin/python" -c 'import skywalking.protocol.profile.Profile_pb2, pyte
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'apache-skywalking==1.2.0' 'pytest>=7'
 fi
 
-step "end-to-end with the SkyWalking Python agent"
-SKYSNAP_BIN="$PWD/target/debug/skysnap" "$venv/bin/python" -m pytest -p no:cacheprovider tests/e2e -v
+step "end-to-end with the SkyWalking Python agent (skysnap alone, and in front of the OAPs)"
+# smoke_direct.py first: the agent straight to the OAP, so a broken OAP set-up shows as such.
+SKYSNAP_BIN="$PWD/target/debug/skysnap" "$venv/bin/python" -m pytest -p no:cacheprovider \
+  tests/oap/smoke_direct.py tests/e2e -v
 
 step "browser test of the profiling page (system Chromium, Playwright)"
 if [ ! -x /usr/bin/chromium ]; then

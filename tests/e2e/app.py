@@ -26,9 +26,13 @@ Environment variables (all optional; defaults in brackets):
     SLOW_SECONDS             how long /slow spends in skysnap_sleepy_handler         [1.0]
     BUSY_SECONDS             how long /busy spins in skysnap_busy_handler            [1.0]
 
-The meter and log reporters are switched off (SW_AGENT_METER_REPORTER_ACTIVE=False,
-SW_AGENT_LOG_REPORTER_ACTIVE=False), so the agent only calls ManagementService
-(reportInstanceProperties, keepAlive), TraceSegmentReportService/collect and ProfileTask/*.
+    APP_REPORT_ALL           1: also report logs (every request logs a WARNING record) and
+                             meters (PVM gauges every 5 s), heartbeat every 5 s, as the
+                             test through skysnap to a real OAP needs              [0]
+
+By default the meter and log reporters are switched off, so the agent only calls
+ManagementService (reportInstanceProperties, keepAlive), TraceSegmentReportService/collect
+and ProfileTask/*.
 
 Endpoints:
     GET /slow   sleeps SLOW_SECONDS inside skysnap_sleepy_handler (entry span op name: "/slow")
@@ -40,6 +44,7 @@ Endpoints:
 On startup prints `READY <port>` on stdout (flushed) once the socket is listening.
 """
 
+import logging
 import os
 import sys
 import time
@@ -59,6 +64,14 @@ _DEFAULTS = {
     # which also silences one "failed to install" warning per absent library.
     'SW_AGENT_DISABLE_PLUGINS': 'sw_(?!http_server$)',
 }
+REPORT_ALL = os.environ.get('APP_REPORT_ALL') == '1'
+if REPORT_ALL:
+    _DEFAULTS.update({
+        'SW_AGENT_COLLECTOR_HEARTBEAT_PERIOD': '5',
+        'SW_AGENT_COLLECTOR_PROPERTIES_REPORT_PERIOD_FACTOR': '2',
+        'SW_AGENT_LOG_REPORTER_LEVEL': 'WARNING',
+        'SW_AGENT_METER_REPORTER_PERIOD': '5',
+    })
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
@@ -75,9 +88,9 @@ config.init(
     agent_collector_get_profile_task_interval=int(os.environ['SW_AGENT_COLLECTOR_GET_PROFILE_TASK_INTERVAL']),
     agent_logging_level=os.environ['SW_AGENT_LOGGING_LEVEL'],
     agent_profile_active=True,
-    agent_meter_reporter_active=False,
-    agent_pvm_meter_reporter_active=False,
-    agent_log_reporter_active=False,
+    agent_meter_reporter_active=REPORT_ALL,
+    agent_pvm_meter_reporter_active=REPORT_ALL,
+    agent_log_reporter_active=REPORT_ALL,
 )
 agent.start()  # installs the http.server plugin (skywalking/plugins/sw_http_server.py)
 
@@ -112,6 +125,9 @@ class Handler(BaseHTTPRequestHandler):
     # operation name is the request path without the query string.
     def do_GET(self):  # noqa: N802
         path = self.path.split('?', 1)[0]
+        if REPORT_ALL:
+            # Reported by the agent's log reporter (level WARNING and above).
+            logging.getLogger('skysnap-e2e-app').warning('skysnap-e2e handled %s', path)
         if path == '/slow':
             skysnap_sleepy_handler(SLOW_SECONDS)
             body = b'slow done\n'

@@ -277,6 +277,35 @@ async fn test_upstream_forwards_unknown_method_bytes_metadata_and_status() {
 }
 
 #[tokio::test]
+async fn test_upstream_many_calls_share_one_connection() {
+    // HTTP/2 servers count empty DATA frames without END_STREAM as abuse and close the
+    // connection after a few hundred; each forwarded call must not add one.
+    let upstream = FakeUpstream::start(Behaviour::Echo).await;
+    let address = upstream.address.to_string();
+    let mut server = Server::start(&[("SKYSNAP_UPSTREAM_ADDRESSES", address.as_str())]);
+    let channel = Channel::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        skysnap::proto::v3::trace_segment_report_service_client::TraceSegmentReportServiceClient::new(
+            channel,
+        );
+    for call in 0..1500 {
+        client
+            .collect(tokio_stream::iter(vec![
+                skysnap::proto::v3::SegmentObject::default(),
+            ]))
+            .await
+            .unwrap_or_else(|status| panic!("call {call}: {status:?}"));
+    }
+    assert_eq!(upstream.calls(), 1500);
+    server.stop();
+    upstream.kill().await;
+}
+
+#[tokio::test]
 async fn test_upstream_management_recorded_and_forwarded_with_upstream_token() {
     let upstream = FakeUpstream::start(Behaviour::Echo).await;
     let address = upstream.address.to_string();

@@ -1,6 +1,12 @@
 // skysnap's profiling page: plain functions over /api/v1, d3-flame-graph for the graphs.
 const $ = (sel) => document.querySelector(sel);
-const state = { tasks: [], task: null, filter: null, segment: null, charts: {}, timer: null };
+const state = {
+  tasks: [], task: null, filter: null, charts: {}, timer: null,
+  // The open segment, the span whose time range its analysis covers (null: the whole
+  // segment), whether its trace segment was kept (null while asked) and a counter that
+  // lets only the newest analysis request draw.
+  segment: null, spanRange: null, spansKept: null, segmentLoad: 0,
+};
 
 // ---- helpers -------------------------------------------------------------------------
 
@@ -38,6 +44,8 @@ function fmtTime(ms, withMs) {
   const s = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
   return withMs ? `${s}.${pad(d.getMilliseconds(), 3)}` : s;
 }
+// The time of day with ms, for rows whose date is the task's.
+const fmtClock = (ms) => fmtTime(ms, true).slice(11);
 const int = (n) => String(Math.round(n));
 const pct = (a, b) => (b ? (100 * a / b).toFixed(1) : '0.0') + '%';
 // datetime-local value <-> epoch ms (local time).
@@ -316,7 +324,7 @@ async function openTask(id) {
   const changed = state.task?.id !== task.id;
   state.task = task;
   if (changed) {
-    state.filter = null; state.segment = null;
+    state.filter = null; state.segment = null; state.spanRange = null; state.spansKept = null;
     $('#flame-start').value = ''; $('#flame-end').value = '';
     $('#segment-view').hidden = true; $('#diff-view').hidden = true;
     for (const i of ['base-start', 'base-end', 'target-start', 'target-end']) $(`#compare-${i}`).value = '';
@@ -352,6 +360,8 @@ async function loadLogs() {
   if (!logs.length) body.append(row([el('td', 'No agent instance has taken this task yet.')], 'hint'));
 }
 
+const NOT_KEPT = 'no trace segment kept for this segment — it did not pass through this skysnap replica';
+
 async function loadSegments() {
   const id = state.task.id;
   const segs = await api(`/tasks/${encodeURIComponent(id)}/segments`);
@@ -359,35 +369,215 @@ async function loadSegments() {
   const body = $('#segments tbody');
   body.replaceChildren();
   for (const s of segs) {
-    const tr = row([td(s.segment_id, 'ellipsis mono', s.segment_id), td(int(s.snapshot_count), 'num'),
-      td(fmtTime(s.first_dump_time, true)), td(fmtTime(s.last_dump_time, true)),
+    // trace_id and the rest are null until the trace segment passed through skysnap
+    // (the agent sends it when the request ends).
+    const known = s.trace_id !== null && s.trace_id !== undefined;
+    const endpoint = el('td', null, 'endpoint ellipsis');
+    if (known) {
+      endpoint.append(el('span', s.endpoint));
+      if (s.is_error) endpoint.append(el('span', 'error', 'badge error'));
+      endpoint.title = s.endpoint;
+    } else {
+      endpoint.append(el('span', '—', 'muted'));
+      endpoint.title = 'no trace segment kept for this segment (yet): it arrives when the request ends, ' +
+        'through the skysnap replica the agent reports to';
+    }
+    const tr = row([endpoint,
+      td(known ? int(s.duration) : '', 'num seg-duration', known ? `started ${fmtTime(s.start_time, true)}` : ''),
+      td(known ? s.trace_id : '', 'trace ellipsis mono', known ? s.trace_id : ''),
+      td(s.segment_id, 'ellipsis mono', s.segment_id), td(int(s.snapshot_count), 'num'),
+      td(fmtClock(s.first_dump_time), 'nowrap', fmtTime(s.first_dump_time, true)),
+      td(fmtClock(s.last_dump_time), 'nowrap', fmtTime(s.last_dump_time, true)),
       td(int(s.last_dump_time - s.first_dump_time), 'num')], 'segment');
     tr.dataset.segmentId = s.segment_id;
     tr.classList.toggle('selected', s.segment_id === state.segment);
     tr.addEventListener('click', () => openSegment(s.segment_id).catch(ignore));
     body.append(tr);
+    // The open segment's trace segment came after it was opened: show its spans now.
+    if (known && s.segment_id === state.segment && state.spansKept === false) {
+      state.spansKept = null; // asked again; one request at a time
+      loadSpans(s.segment_id).catch((e) => setStatus(e.message));
+    }
   }
   if (!segs.length) body.append(row([el('td', 'No profiled segment yet.')], 'hint'));
 }
 
-// ---- a segment: stack tree and flame graph ----------------------------------------------
+// ---- a segment: span tree, stack tree and flame graph -----------------------------------
 
 async function openSegment(seg) {
   state.segment = seg;
+  state.spanRange = null; // a segment opens on its whole range
+  state.spansKept = null;
   for (const tr of document.querySelectorAll('tr.segment')) tr.classList.toggle('selected', tr.dataset.segmentId === seg);
   $('#segment-view').hidden = false;
   $('#segment-name').textContent = seg;
-  const q = encodeURIComponent(seg);
-  const [analysis, flame] = await Promise.all([
-    api(`/analysis?segment=${q}`),
-    api(`/tasks/${encodeURIComponent(state.task.id)}/flamegraph?segment=${q}`),
-  ]);
+  $('#segment-meta').replaceChildren();
+  $('#span-tree tbody').replaceChildren();
+  $('#span-tree-tip').textContent = '';
+  await Promise.all([loadSpans(seg), loadSegmentAnalysis()]);
   if (state.segment !== seg) return;
+  $('#segment-view').scrollIntoView({ behavior: 'smooth', block: 'start' });
+}
+
+// The kept trace segment's spans; a segment without one (404) keeps its snapshot analysis.
+async function loadSpans(seg) {
+  let answer;
+  try {
+    answer = await api(`/segments/${encodeURIComponent(seg)}`, {}, true);
+  } catch (e) {
+    if (state.segment !== seg) return;
+    state.spansKept = false;
+    $('#segment-meta').replaceChildren();
+    $('#span-tree tbody').replaceChildren();
+    $('#span-tree-box').hidden = true;
+    $('#span-hint').hidden = true;
+    $('#span-tree-tip').textContent = e.status === 404 ? NOT_KEPT : `no span tree: ${e.message}`;
+    return;
+  }
+  if (state.segment !== seg) return;
+  state.spansKept = true;
+  $('#span-tree-tip').textContent = answer.spans.length ? '' : 'the trace segment has no span';
+  $('#span-tree-box').hidden = !answer.spans.length;
+  $('#span-hint').hidden = !answer.spans.length;
+  renderSegmentMeta(answer.segment);
+  renderSpanTree(answer.segment, answer.spans);
+  markSpanSelection();
+}
+
+function renderSegmentMeta(seg) {
+  const box = $('#segment-meta');
+  box.replaceChildren(el('span', seg.endpoint, 'seg-endpoint'), ` · ${int(seg.duration)} ms · started ${fmtTime(seg.start_time, true)} · `,
+    el('span', `${seg.service} / ${seg.instance}`), ' · trace ', el('span', seg.trace_id, 'mono seg-trace'));
+  if (seg.is_error) box.append(' ', el('span', 'error', 'badge error'));
+}
+
+const SPAN_TYPES = new Set(['Entry', 'Exit', 'Local']);
+
+// Rows in tree order (children by start time, as the API sends them), each with a bar on
+// the segment's time line.
+function renderSpanTree(seg, roots) {
+  const body = $('#span-tree tbody');
+  body.replaceChildren();
+  const origin = seg.start_time, length = Math.max(1, seg.end_time - seg.start_time);
+  const share = (ms) => Math.min(100, Math.max(0, (100 * ms) / length));
+  const MAX_INDENT = 12;
+  // The API nests at most 50 levels; walk without recursion all the same.
+  const pending = roots.slice().reverse().map((span) => [span, 0]);
+  while (pending.length) {
+    const [span, depth] = pending.pop();
+    const children = span.children || [];
+    const op = el('td', null, 'op');
+    op.style.paddingLeft = `${0.3 + Math.min(depth, MAX_INDENT) * 1.1}em`;
+    op.title = span.operation_name;
+    const toggle = el('span', children.length ? '▾' : '', children.length ? 'toggle' : 'leaf');
+    if (depth > MAX_INDENT) op.append(el('span', `${depth}› `, 'depth'));
+    op.append(toggle, el('span', span.operation_name, 'op-name'));
+    if (span.is_error) op.append(el('span', 'error', 'badge error'));
+    const type = el('span', span.span_type, 'span-type' + (SPAN_TYPES.has(span.span_type) ? ` ${span.span_type.toLowerCase()}` : ''));
+    const bar = el('div', null, 'bar' + (span.is_error ? ' error' : ''));
+    bar.style.left = `${share(span.start_time - origin)}%`;
+    bar.style.width = `${share(span.end_time - span.start_time)}%`;
+    const track = el('div', null, 'track');
+    track.append(bar);
+    const kind = td(null, 'ellipsis', `${span.span_type} span, layer ${span.span_layer}, component id ${span.component_id}`);
+    kind.append(type);
+    if (span.span_layer && span.span_layer !== 'Unknown') kind.append(el('span', span.span_layer, 'layer muted'));
+    const tr = row([op, kind, td(span.peer, 'peer ellipsis', span.peer), td(int(span.start_time - origin), 'num offset'),
+      td(int(span.duration), 'num duration'), el('td')], 'span');
+    tr.lastChild.append(track);
+    tr.lastChild.title = `${fmtClock(span.start_time)} – ${fmtClock(span.end_time)}`;
+    Object.assign(tr.dataset, { spanId: span.span_id, start: span.start_time, end: span.end_time, depth });
+    tr.tabIndex = 0;
+    tr.addEventListener('click', () => chooseSpan(span));
+    tr.addEventListener('keydown', (ev) => {
+      if (ev.key === 'Enter' || ev.key === ' ') { ev.preventDefault(); chooseSpan(span); }
+    });
+    if (children.length) {
+      toggle.addEventListener('click', (ev) => { ev.stopPropagation(); toggleSpan(tr); });
+    }
+    body.append(tr);
+    for (let i = children.length - 1; i >= 0; i--) pending.push([children[i], depth + 1]);
+  }
+}
+
+// Rows are in tree order: a row is hidden while it is deeper than a collapsed row above
+// it that is itself shown.
+function toggleSpan(tr) {
+  tr.classList.toggle('collapsed');
+  tr.querySelector('.toggle').textContent = tr.classList.contains('collapsed') ? '▸' : '▾';
+  let cut = Infinity;
+  for (const r of document.querySelectorAll('#span-tree tr.span')) {
+    const depth = Number(r.dataset.depth);
+    if (depth <= cut) cut = Infinity;
+    r.hidden = depth > cut;
+    if (!r.hidden && r.classList.contains('collapsed')) cut = depth;
+  }
+}
+
+function chooseSpan(span) {
+  if (span.end_time < span.start_time) {
+    setStatus(`span ${span.span_id} ends before it starts; its range cannot be analysed`);
+    return;
+  }
+  state.spanRange = { spanId: span.span_id, name: span.operation_name, type: span.span_type,
+    start: span.start_time, end: span.end_time };
+  markSpanSelection();
+  loadSegmentAnalysis().catch(ignore);
+}
+
+function wholeSegment() {
+  state.spanRange = null;
+  markSpanSelection();
+  loadSegmentAnalysis().catch(ignore);
+}
+
+function markSpanSelection() {
+  const r = state.spanRange;
+  for (const tr of document.querySelectorAll('#span-tree tr.span')) {
+    tr.classList.toggle('selected', !!r && Number(tr.dataset.spanId) === r.spanId &&
+      Number(tr.dataset.start) === r.start && Number(tr.dataset.end) === r.end);
+  }
+}
+
+// Says which range the stack tree and the flame graph below cover.
+function renderRange() {
+  const r = state.spanRange, text = $('#segment-range-text');
+  $('#segment-whole').hidden = !r;
+  $('#segment-range').classList.toggle('span', !!r);
+  if (!r) {
+    text.replaceChildren(el('strong', 'Whole segment'), ' — every snapshot of the segment');
+    $('#segment-flame-range').textContent = '· whole segment';
+    return;
+  }
+  text.replaceChildren(el('strong', 'Span range'), ' — span ', el('span', r.name, 'mono range-op'),
+    ` (#${r.spanId}, ${r.type}): ${fmtTime(r.start, true)} – ${fmtClock(r.end)} · ${int(r.end - r.start)} ms`);
+  $('#segment-flame-range').textContent = `· span ${r.name}, ${int(r.end - r.start)} ms`;
+}
+
+// The stack tree and flame graph of the open segment over the chosen range.
+async function loadSegmentAnalysis() {
+  const seg = state.segment, range = state.spanRange, load = ++state.segmentLoad;
+  renderRange();
+  delete $('#segment-view').dataset.shown;
+  const q = new URLSearchParams({ segment: seg });
+  if (range) { q.set('start', range.start); q.set('end', range.end); }
+  $('#segment-view').classList.add('loading');
+  let analysis, flame;
+  try {
+    [analysis, flame] = await Promise.all([
+      api(`/analysis?${q}`),
+      api(`/tasks/${encodeURIComponent(state.task.id)}/flamegraph?${q}`),
+    ]);
+  } finally {
+    if (load === state.segmentLoad) $('#segment-view').classList.remove('loading');
+  }
+  if (load !== state.segmentLoad) return;
   renderStackTree(analysis);
   state.segTotal = flame.value;
   draw('segment-flame', flame, (chart) => chart.tooltip(
     sampleTooltip(() => state.segTotal || 0, () => state.task?.dump_period || 0)));
-  $('#segment-view').scrollIntoView({ behavior: 'smooth', block: 'start' });
+  // What the stack tree and the flame graph now show: "whole" or "start-end" (epoch ms).
+  $('#segment-view').dataset.shown = range ? `${range.start}-${range.end}` : 'whole';
 }
 
 function renderStackTree(analysis) {
@@ -531,6 +721,7 @@ $('#flame-apply').addEventListener('click', applyRange);
 $('#download-collapsed').addEventListener('click', download);
 $('#download-pprof').addEventListener('click', download);
 $('#compare-go').addEventListener('click', () => compare().catch(ignore));
+$('#segment-whole').addEventListener('click', wholeSegment);
 window.addEventListener('hashchange', () => openTask(hashTask()).catch(ignore));
 loadAll();
 setInterval(tick, 5000);

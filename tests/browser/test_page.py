@@ -195,6 +195,9 @@ def test_profiling_page(env, pages):
     assert not err1 + err2, err1 + err2
     segs1 = _settled_segments(sk, tid1)
     segs2 = _settled_segments(sk, tid2, min_snapshots=3)
+    # A request's trace segment comes when it ends, a little after its snapshots.
+    segs1 = wait_for(lambda: (lambda ss: ss if all(s['trace_id'] for s in ss) else None)(sk.segments(tid1)),
+                     30, f'the trace segments of every segment of task {tid1}')
     print(f'[browser] segments settled: task 1 {[s["snapshot_count"] for s in segs1]}, '
           f'task 2 {[s["snapshot_count"] for s in segs2]} ({time.monotonic() - t0:.1f}s)')
 
@@ -268,6 +271,10 @@ def test_profiling_page(env, pages):
     print(f'[browser] segment {seg["segment_id"]}: {len(rows)} stack rows, counts {page_counts[:8]}...')
     expect(page.locator('#segment-flame g.frame').first).to_be_attached(timeout=WAIT_MS)
     _shot(page, '#segment-view', 'segment.png', 'segment-view.png')
+
+    # The segment's span tree, one span's range, and back; then a segment not kept.
+    _check_span_tree(page, sk, tid1, seg, analysis)
+    _check_not_kept_and_synthetic(pages, sk, tid1, seg, analysis)
 
     # 3. Diff against the /busy task: busy frames hotter (red), sleepy frames cooler (blue).
     page.wait_for_function("""tid => [...document.querySelectorAll('#compare-task option')]
@@ -383,6 +390,193 @@ def test_profiling_page(env, pages):
 
     assert not pages.errors, pages.errors
     print(f'[browser] test body wall time {time.monotonic() - t0:.1f}s')
+
+
+NOT_KEPT = 'no trace segment kept for this segment — it did not pass through this skysnap replica'
+
+
+def _span_nodes(roots):
+    """Every span of a span tree, in tree order."""
+    pending = list(reversed(roots))
+    while pending:
+        span = pending.pop()
+        yield span
+        pending.extend(reversed(span.get('children') or []))
+
+
+def _page_stack_counts(page):
+    return page.eval_on_selector_all(
+        '#stack-tree tr.stack-node',
+        "rows => rows.map(r => +r.querySelector('.count').textContent.trim().replace(/[^0-9]/g, ''))")
+
+
+def _analysis_orders(analysis):
+    """The sample counts of an analysis in the API's order and in tree order."""
+    return ([e['count'] for t in analysis['trees'] for e in t['elements']],
+            [e['count'] for t in analysis['trees'] for e in _preorder_counts(t['elements'])])
+
+
+def _analysis_requests(requests, segment_id):
+    """The query of each /api/v1/analysis and segment flame-graph request seen, by path."""
+    out = []
+    for url in requests:
+        p = urllib.parse.urlparse(url)
+        q = urllib.parse.parse_qs(p.query)
+        if q.get('segment') == [segment_id] and (p.path == '/api/v1/analysis' or p.path.endswith('/flamegraph')):
+            out.append((p.path, q))
+    return out
+
+
+def _check_span_tree(page, sk, tid, seg, whole_analysis):
+    """The segment list shows the kept trace segment; the segment view its span tree; a
+    span's range is analysed exactly, and "Whole segment" goes back."""
+    sid = seg['segment_id']
+    quoted = urllib.parse.quote(sid, safe='')
+    kept = sk.api('GET', f'/api/v1/segments/{quoted}')
+    spans = list(_span_nodes(kept['spans']))
+    entry = next(s for s in spans if s['operation_name'] == '/slow' and s['span_type'] == 'Entry')
+    assert kept['segment']['trace_id'] == seg['trace_id'], (kept['segment'], seg)
+
+    # The list row: endpoint, the trace segment's duration and its trace id.
+    row = page.locator(f'#segments tr.segment[data-segment-id="{sid}"]')
+    expect(row.locator('td.endpoint')).to_have_text('/slow', timeout=WAIT_MS)
+    expect(row.locator('td.trace')).to_have_text(seg['trace_id'])
+    duration = int(row.locator('td.seg-duration').inner_text())
+    assert duration == seg['duration'] and duration >= 900, (duration, seg)
+
+    # The span tree of the open segment, on its whole range.
+    expect(page.locator('#span-tree tr.span')).to_have_count(len(spans), timeout=WAIT_MS)
+    span_row = page.locator(f'#span-tree tr.span[data-span-id="{entry["span_id"]}"]')
+    expect(span_row.locator('.op-name')).to_have_text('/slow')
+    expect(span_row.locator('.span-type')).to_have_text('Entry')
+    expect(page.locator('#span-tree-tip')).to_be_hidden()
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', 'whole')
+    expect(page.locator('#segment-range')).to_contain_text('Whole segment')
+    expect(page.locator('#segment-whole')).to_be_hidden()
+    expect(page.locator('#segment-meta')).to_contain_text(seg['trace_id'])
+
+    # Choosing the span: both the stack tree and the flame graph ask for its range.
+    requests = []
+    record = lambda r: requests.append(r.url)  # noqa: E731
+    page.on('request', record)
+    span_row.click()
+    shown = f'{entry["start_time"]}-{entry["end_time"]}'
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', shown, timeout=WAIT_MS)
+    asked = _analysis_requests(requests, sid)
+    want = {'segment': [sid], 'start': [str(entry['start_time'])], 'end': [str(entry['end_time'])]}
+    assert sorted(path for path, _ in asked) == ['/api/v1/analysis', f'/api/v1/tasks/{tid}/flamegraph'], asked
+    assert all(q == want for _, q in asked), (asked, entry)
+    span_analysis = sk.api('GET', f'/api/v1/analysis?segment={quoted}&start={entry["start_time"]}'
+                                  f'&end={entry["end_time"]}')
+    assert span_analysis['trees'], span_analysis  # the request's thread was sampled in its entry span
+    assert _page_stack_counts(page) in _analysis_orders(span_analysis), (_page_stack_counts(page), span_analysis)
+    expect(span_row).to_have_class(re.compile(r'\bselected\b'))
+    expect(page.locator('#segment-range')).to_contain_text('Span range')
+    expect(page.locator('#segment-range .range-op')).to_have_text('/slow')
+    expect(page.locator('#segment-whole')).to_be_visible()
+    expect(page.locator(f'#segment-flame g.frame[name*="{SLOW_FUNC}"]').first).to_be_attached(timeout=WAIT_MS)
+    print(f'[browser] span /slow of {sid}: {len(spans)} span(s), analysis asked for '
+          f'[{entry["start_time"]}, {entry["end_time"]}] ({entry["duration"]} ms), '
+          f'{len(_page_stack_counts(page))} stack rows')
+    _shot(page, '#segment-view', 'span-tree.png', 'span-tree-view.png')
+
+    # Back to the whole segment: the request without a range, the whole tree again.
+    requests.clear()
+    page.click('#segment-whole')
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', 'whole', timeout=WAIT_MS)
+    asked = _analysis_requests(requests, sid)
+    assert len(asked) == 2 and all(q == {'segment': [sid]} for _, q in asked), asked
+    assert _page_stack_counts(page) in _analysis_orders(whole_analysis)
+    expect(page.locator('#span-tree tr.span.selected')).to_have_count(0)
+    expect(page.locator('#segment-range')).to_contain_text('Whole segment')
+    expect(page.locator('#segment-whole')).to_be_hidden()
+    page.remove_listener('request', record)
+
+
+def _check_not_kept_and_synthetic(pages, sk, tid, seg, whole_analysis):
+    """A segment whose trace segment skysnap did not keep (the API's 404, and null fields
+    in the list) keeps its snapshot analysis; a nested span tree with markup in its names
+    shows it as text, nests, collapses and analyses a child span's range."""
+    sid = seg['segment_id']
+    quoted = urllib.parse.quote(sid, safe='')
+    page = pages.new('spans')
+    is_segment = lambda url: urllib.parse.urlparse(url).path == f'/api/v1/segments/{quoted}'  # noqa: E731
+    is_list = lambda url: urllib.parse.urlparse(url).path == f'/api/v1/tasks/{tid}/segments'  # noqa: E731
+
+    def list_without_trace(route):
+        items = route.fetch().json()
+        for item in items:
+            if item['segment_id'] == sid:
+                item.update(trace_id=None, endpoint=None, start_time=None, duration=None, is_error=None)
+        route.fulfill(status=200, content_type='application/json', body=json.dumps(items))
+
+    not_found = json.dumps({'error': f'segment {sid} not found'})
+    page.route(is_list, list_without_trace)
+    page.route(is_segment, lambda route: route.fulfill(status=404, content_type='application/json', body=not_found))
+    page.goto(f'{sk.base}/#task={tid}')
+    row = page.locator(f'#segments tr.segment[data-segment-id="{sid}"]')
+    expect(row.locator('td.endpoint')).to_have_text('—', timeout=WAIT_MS)
+    expect(row.locator('td.seg-duration')).to_have_text('')
+    expect(row.locator('td.trace')).to_have_text('')
+    row.click()
+    expect(page.locator('#span-tree-tip')).to_have_text(NOT_KEPT, timeout=WAIT_MS)
+    expect(page.locator('#span-tree')).to_be_hidden()
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', 'whole', timeout=WAIT_MS)
+    assert _page_stack_counts(page) in _analysis_orders(whole_analysis)
+    expect(page.locator('#segment-flame g.frame').first).to_be_attached(timeout=WAIT_MS)
+    expect(page.locator('#status')).to_have_text('')
+    _shot(page, '#segment-view', 'segment-not-kept.png')
+    print(f'[browser] segment not kept: #span-tree-tip {page.locator("#span-tree-tip").inner_text()!r}, '
+          f'{len(_page_stack_counts(page))} stack rows')
+
+    # A nested tree around the real entry span, with markup in agent-sent names.
+    kept = sk.api('GET', f'/api/v1/segments/{quoted}')
+    root = next(s for s in kept['spans'] if s['operation_name'] == '/slow')
+    t0, t1 = root['start_time'], root['end_time']
+    markup = '<img src=x onerror="window.skysnapXss=1">'
+
+    def span(span_id, parent, name, kind, layer, start, end, peer='', error=False, children=()):
+        return {'span_id': span_id, 'parent_span_id': parent, 'operation_name': name, 'peer': peer,
+                'span_type': kind, 'span_layer': layer, 'component_id': 7002, 'start_time': start,
+                'end_time': end, 'duration': end - start, 'is_error': error, 'children': list(children)}
+    db = span(2, 1, 'SELECT * FROM t WHERE a < b & c > d', 'Exit', 'Database', t0 + 150, t0 + 450,
+              peer='db:5432', error=True)
+    local = span(1, 0, markup, 'Local', 'Unknown', t0 + 100, t0 + 500, children=[db])
+    http = span(3, 0, 'GET /downstream', 'Exit', 'Http', t0 + 550, t1 - 50, peer='127.0.0.1:9')
+    tree = {'segment': kept['segment'],
+            'spans': [dict(root, children=[local, http])]}
+    page.unroute(is_segment)
+    page.route(is_segment, lambda route: route.fulfill(status=200, content_type='application/json',
+                                                       body=json.dumps(tree)))
+    row.click()
+    rows = page.locator('#span-tree tr.span')
+    expect(rows).to_have_count(4, timeout=WAIT_MS)
+    expect(page.locator('#span-tree-tip')).to_be_hidden()
+    got = page.eval_on_selector_all('#span-tree tr.span', """rows => rows.map(r => [
+        +r.dataset.spanId, +r.dataset.depth, r.querySelector('.op-name').textContent,
+        r.querySelector('.span-type').textContent, !!r.querySelector('.badge.error')])""")
+    assert got == [[0, 0, '/slow', 'Entry', False], [1, 1, markup, 'Local', False],
+                   [2, 2, db['operation_name'], 'Exit', True], [3, 1, 'GET /downstream', 'Exit', False]], got
+    assert page.evaluate('() => !document.querySelector("#span-tree img") && window.skysnapXss === undefined')
+    requests = []
+    page.on('request', lambda r: requests.append(r.url))
+    page.locator('#span-tree tr.span[data-span-id="2"]').click()
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', f'{t0 + 150}-{t0 + 450}', timeout=WAIT_MS)
+    asked = _analysis_requests(requests, sid)
+    assert len(asked) == 2 and all(q == {'segment': [sid], 'start': [str(t0 + 150)], 'end': [str(t0 + 450)]}
+                                   for _, q in asked), asked
+    range_analysis = sk.api('GET', f'/api/v1/analysis?segment={quoted}&start={t0 + 150}&end={t0 + 450}')
+    assert _page_stack_counts(page) in _analysis_orders(range_analysis)
+    expect(page.locator('#stack-tree-tip')).to_have_text(range_analysis.get('tip') or '')
+    expect(page.locator('#segment-range .range-op')).to_have_text(db['operation_name'])
+    # Collapsing the root hides its three spans; opening it shows them again.
+    page.locator('#span-tree tr.span[data-span-id="0"] .toggle').click()
+    expect(page.locator('#span-tree tr.span:visible')).to_have_count(1)
+    expect(page.locator('#segment-view')).to_have_attribute('data-shown', f'{t0 + 150}-{t0 + 450}')
+    page.locator('#span-tree tr.span[data-span-id="0"] .toggle').click()
+    expect(page.locator('#span-tree tr.span:visible')).to_have_count(4)
+    _shot(page, '#segment-view', 'span-tree-nested.png')
+    assert not pages.errors, pages.errors
 
 
 def _api_with_token(sk, method, path, token, body=None):

@@ -9,10 +9,12 @@
 # Then, for the default values and each helm/skysnap/ci/*-values.yaml:
 #   helm lint --strict, helm template, kubernetes-validate --strict of every rendered
 #   object against Kubernetes $K8S_VERSIONS, and tests/helm/check_rendered.py (grace
-#   period, Service ports, config keys vs config/skysnap.yaml, env vars, probes, ...;
+#   period, Service ports, config keys vs config/skysnap.yaml, env vars, probes, the
+#   upstream OAP's config keys, token variable and TLS volume against the values, ...;
 #   with a built skysnap binary also `skysnap schema --config <rendered>` with the pod's
-#   environment). Value combinations the chart must refuse (sqlite with 2 replicas, ...)
-#   must make `helm template` fail.
+#   environment), and NOTES.txt (agents' address; forwarding to upstream.addresses or
+#   dropping the non-profiling data). Value combinations the chart must refuse (sqlite
+#   with 2 replicas, upstream addresses in two places, ...) must make `helm template` fail.
 # ServiceMonitor (a CRD) has no schema in kubernetes-validate: the tool warns and skips
 # it; this script accepts that warning for ServiceMonitor only (any other kind without a
 # schema, e.g. a wrong apiVersion, fails) and check_rendered.py checks its fields.
@@ -104,6 +106,9 @@ done
 
 for set in "${value_sets[@]}"; do
   if [ "$set" = default ]; then name=default; values=(); else name=$(basename "$set" .yaml); values=(-f "$set"); fi
+  # The chart's values.yaml, then the set's file: check_rendered.py merges them as Helm does.
+  value_files=(--values "$CHART/values.yaml")
+  [ "$set" = default ] || value_files+=(--values "$set")
   step "$name"
   rendered=$work/$name.yaml
 
@@ -141,9 +146,24 @@ for set in "${value_sets[@]}"; do
   else
     fail "$name: NOTES.txt renders"; cat "$work/err"
   fi
+  # Forwarding: "forwarded to <upstream.addresses>", or the non-profiling data is dropped.
+  expected=$("$PY" - "${value_files[@]}" <<'EOF_PY'
+import sys, yaml
+addresses = []
+for path in sys.argv[2::2]:
+    with open(path) as f:
+        addresses = ((yaml.safe_load(f) or {}).get("upstream") or {}).get("addresses", addresses) or []
+print(f"forwarded to {', '.join(addresses)}" if addresses else "is accepted and dropped")
+EOF_PY
+)
+  if tr '\n' ' ' <"$work/notes" | sed 's/\\n/ /g' | grep -qF "$expected"; then
+    pass "$name: NOTES.txt: non-profiling data \"$expected\""
+  else
+    fail "$name: NOTES.txt: non-profiling data \"$expected\""; cat "$work/notes"
+  fi
 
   "$PY" tests/helm/check_rendered.py "$rendered" --name "$name" \
-    --reference config/skysnap.yaml "${bin_args[@]}" >"$work/check.out" 2>&1
+    --reference config/skysnap.yaml "${value_files[@]}" "${bin_args[@]}" >"$work/check.out" 2>&1
   cat "$work/check.out"
   passed=$((passed + $(grep -c '^PASS ' "$work/check.out")))
   failed=$((failed + $(grep -c '^FAIL ' "$work/check.out")))
@@ -190,6 +210,29 @@ expect_failure "unknown top-level value (schema)" "additional properties? 'repli
   --set replicas=3
 expect_failure "bad store.kind (schema)" "sqlite|clickhouse|enum|value must be one of" \
   --set config.store.kind=postgres
+upstream_values=$CHART/ci/upstream-values.yaml
+expect_failure "upstream addresses in upstream and config.upstream" "set twice, in upstream.addresses and config.upstream.addresses" \
+  -f "$upstream_values" --set 'config.upstream.addresses[0]=oap:11800'
+expect_failure "config.upstream.addresses alone" "config.upstream.addresses: set the top-level value upstream.addresses" \
+  --set 'config.upstream.addresses[0]=oap:11800'
+expect_failure "upstream.tls.enabled without secretName" "upstream.tls.enabled needs upstream.tls.secretName" \
+  -f "$upstream_values" --set upstream.tls.secretName=
+expect_failure "upstream TLS settings with tls.enabled false" "upstream.tls.enabled is false" \
+  -f "$upstream_values" --set upstream.tls.enabled=false
+expect_failure "upstream.token with auth.existingSecret" "set either auth.existingSecret or the tokens" \
+  --set 'upstream.addresses[0]=oap:11800' --set upstream.token=x --set auth.existingSecret=tokens
+expect_failure "extraEnv SKYSNAP_UPSTREAM_TOKEN (bypasses the Secret)" "set it through the chart's values" \
+  -f "$upstream_values" --set 'extraEnv[0].name=SKYSNAP_UPSTREAM_TOKEN' --set-string 'extraEnv[0].value=x'
+expect_failure "upstream address with a scheme (schema)" "does not match|pattern" \
+  --set 'upstream.addresses[0]=http://oap:11800'
+expect_failure "upstream address without a port (schema)" "does not match|pattern" \
+  --set 'upstream.addresses[0]=oap'
+expect_failure "config.upstream.token (schema)" "additional properties? 'token' not allowed|token" \
+  --set config.upstream.token=x
+expect_failure "config.upstream.tls_ca_path (schema)" "additional properties? 'tls_ca_path' not allowed|tls_ca_path" \
+  --set config.upstream.tls_ca_path=/ca.crt
+expect_failure "unknown upstream value (schema)" "additional properties? 'caFile' not allowed|caFile" \
+  --set upstream.tls.caFile=x
 
 # --- package ----------------------------------------------------------------------------------------
 step "helm package"

@@ -2,7 +2,7 @@
 """Checks the manifests `helm template` rendered from helm/skysnap.
 
 Usage: check_rendered.py RENDERED.yaml --name NAME --reference config/skysnap.yaml
-                         [--skysnap-bin BIN]
+                         [--values VALUES.yaml ...] [--skysnap-bin BIN]
 
 Prints one line per check, `PASS <name>: <check>` or `FAIL <name>: <check>: <why>` (or
 `SKIP ...`), and exits 1 when a check failed. scripts/helm-test.sh counts the lines.
@@ -21,6 +21,11 @@ What it checks, for every Deployment the chart rendered:
   * the receiver Service has ports grpc (appProtocol grpc), http and metrics;
   * SQLite: one replica, Recreate, the data volume at sqlite.path's directory;
   * HPA / PDB consistency, ServiceMonitor ports, the dashboard ConfigMap's JSON;
+  * forwarding to an upstream OAP: no token in the ConfigMap, addresses are host:port,
+    TLS files on a read-only Secret volume of the receiver, SKYSNAP_UPSTREAM_TOKEN only
+    from a Secret and only on the receiver; with --values (the chart's values.yaml, then
+    the value set's file, merged as Helm does) the rendered upstream section, token
+    variable, Secret key and TLS volume are those the values ask for;
   * optionally (--skysnap-bin): the real skysnap binary loads the rendered config with
     the pod's environment (`skysnap schema --config ...`, which validates and exits).
 """
@@ -31,6 +36,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,13 +105,33 @@ def env_key_exists(variable, ref):
     return key in ref.get(section, set())
 
 
+def merge_values(base, override):
+    """Helm's merge of a values file over the chart's: maps merge, null deletes, the rest
+    (lists included) replaces."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
     parser.add_argument("--name", required=True)
     parser.add_argument("--reference", required=True)
+    parser.add_argument("--values", action="append", default=[],
+                        help="values files in Helm's order (the chart's values.yaml first)")
     parser.add_argument("--skysnap-bin")
     args = parser.parse_args()
+    values = None
+    for path in args.values:
+        with open(path) as f:
+            values = merge_values(values or {}, yaml.safe_load(f) or {})
 
     c = Checker(args.name)
     docs = load_docs(args.rendered)
@@ -348,6 +374,8 @@ def main():
                         f"{cm['metadata'].get('labels')}")
                 c.check("dashboard has panels", len(dash.get("panels", [])) > 0, "none")
 
+    check_upstream(c, config, deployments, secrets, values)
+
     # --- Every object: recommended labels ------------------------------------------------------
     missing = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
                if any(l not in d["metadata"].get("labels", {}) for l in RECOMMENDED_LABELS)]
@@ -360,6 +388,131 @@ def main():
     else:
         c.skip("skysnap loads the rendered config", "no skysnap binary (build one or set SKYSNAP_BIN)")
     return finish(c)
+
+
+UPSTREAM_TLS_KEYS = ("tls_ca_path", "tls_cert_path", "tls_key_path")
+UPSTREAM_CHART_KEYS = {"addresses", "tls", "tls_domain", *UPSTREAM_TLS_KEYS}
+HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?):[0-9]{1,5}$")
+
+
+def container_env(dep):
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+
+
+def secret_file_mounts(dep):
+    """{mountPath: (secretName, item paths or None for the whole Secret, readOnly)}."""
+    pod = dep["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out = {}
+    for m in pod["containers"][0].get("volumeMounts", []):
+        secret = volumes.get(m["name"], {}).get("secret")
+        if secret is not None:
+            items = secret.get("items")
+            out[m["mountPath"]] = (secret.get("secretName"), None if items is None else
+                                   {i["path"]: i["key"] for i in items}, m.get("readOnly", False))
+    return out
+
+
+def check_upstream(c, config, deployments, secrets, values):
+    """Forwarding to an upstream OAP (README "Two ways to deploy it")."""
+    upstream = config.get("upstream") or {}
+    addresses = upstream.get("addresses") or []
+    receivers = [d for d in deployments if component(d) == "receiver"]
+    consumers = [d for d in deployments if component(d) == "consumer"]
+    c.check("upstream: no token in the ConfigMap", not upstream.get("token"), "upstream.token is set")
+    if addresses:
+        bad = [a for a in addresses if not isinstance(a, str) or not HOST_PORT.match(a)]
+        c.check(f"upstream: {len(addresses)} addresses, each host:port without a scheme", not bad, f"{bad}")
+        if upstream.get("tls"):
+            c.check("upstream: tls true comes with tls_ca_path (the Secret's ca.crt)",
+                    bool(upstream.get("tls_ca_path")), f"{upstream}")
+        c.check("upstream: tls_cert_path and tls_key_path set together",
+                bool(upstream.get("tls_cert_path")) == bool(upstream.get("tls_key_path")), f"{upstream}")
+        for dep in receivers:
+            label = f"receiver {dep['metadata']['name']}"
+            mounts = secret_file_mounts(dep)
+            for key in UPSTREAM_TLS_KEYS:
+                path = upstream.get(key)
+                if not path:
+                    continue
+                directory, base = posixpath.split(path)
+                mount = mounts.get(directory)
+                c.check(f"{label}: upstream.{key} {path} is on a read-only Secret volume",
+                        mount is not None and mount[2] is True and (mount[1] is None or base in mount[1]),
+                        f"secret mounts {mounts}")
+    else:
+        chart_keys = sorted(UPSTREAM_CHART_KEYS & set(upstream))
+        c.check("upstream: no addresses, so no addresses/TLS keys in the ConfigMap", not chart_keys,
+                f"{chart_keys}")
+    for dep in deployments:
+        label = f"{component(dep)} {dep['metadata']['name']}"
+        env = container_env(dep).get("SKYSNAP_UPSTREAM_TOKEN")
+        if component(dep) != "receiver" or not addresses:
+            c.check(f"{label}: no SKYSNAP_UPSTREAM_TOKEN ({'no gRPC' if addresses else 'no forwarding'})",
+                    env is None, f"{env}")
+        elif env is not None:
+            c.check(f"{label}: SKYSNAP_UPSTREAM_TOKEN from a Secret, not a literal",
+                    "value" not in env and (env.get("valueFrom") or {}).get("secretKeyRef") is not None, f"{env}")
+    for dep in consumers:
+        label = f"consumer {dep['metadata']['name']}"
+        c.check(f"{label}: no upstream TLS volume (no gRPC)",
+                not any(p.startswith("/etc/skysnap-upstream-tls") for p in secret_file_mounts(dep)),
+                f"{secret_file_mounts(dep)}")
+
+    if values is None:
+        return
+    # What the values ask for.
+    want = values.get("upstream") or {}
+    auth = values.get("auth") or {}
+    want_addresses = want.get("addresses") or []
+    c.check(f"upstream: ConfigMap upstream.addresses = upstream.addresses {want_addresses}",
+            addresses == want_addresses, f"rendered {addresses}")
+    tuning = (values.get("config") or {}).get("upstream") or {}
+    for key, value in tuning.items():
+        c.check(f"upstream: config.upstream.{key} rendered", upstream.get(key) == value,
+                f"{upstream.get(key)!r} != {value!r}")
+    if not want_addresses:
+        return
+    tls = want.get("tls") or {}
+    directory = "/etc/skysnap-upstream-tls"
+    if tls.get("enabled"):
+        client = bool(tls.get("clientCertificate"))
+        expected = {"tls": True, "tls_ca_path": f"{directory}/ca.crt"}
+        if client:
+            expected.update(tls_cert_path=f"{directory}/tls.crt", tls_key_path=f"{directory}/tls.key")
+        if tls.get("domain"):
+            expected["tls_domain"] = tls["domain"]
+        got = {k: upstream.get(k) for k in ("tls", "tls_domain", *UPSTREAM_TLS_KEYS) if upstream.get(k) is not None}
+        c.check(f"upstream: ConfigMap TLS keys {sorted(expected)}", got == expected, f"rendered {got}")
+        items = {"ca.crt": "ca.crt", **({"tls.crt": "tls.crt", "tls.key": "tls.key"} if client else {})}
+        for dep in receivers:
+            mount = secret_file_mounts(dep).get(directory)
+            c.check(f"receiver {dep['metadata']['name']}: Secret {tls.get('secretName')} mounted read-only "
+                    f"at {directory} with {sorted(items)}",
+                    mount == (tls.get("secretName"), items, True), f"{mount}")
+    else:
+        c.check("upstream: no TLS keys in the ConfigMap (upstream.tls.enabled false)",
+                not any(upstream.get(k) for k in ("tls", "tls_domain", *UPSTREAM_TLS_KEYS)), f"{upstream}")
+    for dep in receivers:
+        label = f"receiver {dep['metadata']['name']}"
+        env = container_env(dep).get("SKYSNAP_UPSTREAM_TOKEN")
+        ref = ((env or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        if auth.get("existingSecret"):
+            key = (auth.get("existingSecretKeys") or {}).get("upstreamToken")
+            c.check(f"{label}: SKYSNAP_UPSTREAM_TOKEN from key {key} of existing Secret "
+                    f"{auth['existingSecret']} (optional)",
+                    ref == {"name": auth["existingSecret"], "key": key, "optional": True}, f"{env}")
+        elif want.get("token"):
+            secret = secrets.get(ref.get("name"), {})
+            data = secret.get("data", {})
+            c.check(f"{label}: SKYSNAP_UPSTREAM_TOKEN from key upstream-token of the chart Secret, "
+                    "holding upstream.token",
+                    ref.get("key") == "upstream-token" and "optional" not in ref
+                    and base64.b64decode(data.get("upstream-token", "")).decode() == want["token"],
+                    f"env {env} secret keys {sorted(data)}")
+        else:
+            c.check(f"{label}: no SKYSNAP_UPSTREAM_TOKEN (the agents' own tokens pass through)",
+                    env is None, f"{env}")
 
 
 def run_binary(c, binary, dep, config_text, secrets):

@@ -86,7 +86,32 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Whether a token Secret is referenced at all (chart-created or existing). */}}
 {{- define "skysnap.hasSecret" -}}
-{{- if or .Values.auth.existingSecret .Values.auth.agentToken .Values.auth.adminToken }}true{{ end }}
+{{- if or .Values.auth.existingSecret (include "skysnap.chartSecret" .) }}true{{ end }}
+{{- end }}
+
+{{/* Whether the chart creates the token Secret (some token set, no existingSecret). */}}
+{{- define "skysnap.chartSecret" -}}
+{{- if and (not .Values.auth.existingSecret) (or .Values.auth.agentToken .Values.auth.adminToken (include "skysnap.upstreamToken" .)) }}true{{ end }}
+{{- end }}
+
+{{/* Whether the receivers forward to an upstream OAP (upstream.addresses set). */}}
+{{- define "skysnap.upstreamEnabled" -}}
+{{- if .Values.upstream.addresses }}true{{ end }}
+{{- end }}
+
+{{/* upstream.token when it is used: forwarding on, token set (not with existingSecret). */}}
+{{- define "skysnap.upstreamToken" -}}
+{{- if and (include "skysnap.upstreamEnabled" .) (not .Values.auth.existingSecret) }}{{ .Values.upstream.token }}{{ end }}
+{{- end }}
+
+{{/* Whether the receivers speak TLS to the upstream (and mount upstream.tls.secretName). */}}
+{{- define "skysnap.upstreamTls" -}}
+{{- if and (include "skysnap.upstreamEnabled" .) .Values.upstream.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Where upstream.tls.secretName is mounted in the receiver. */}}
+{{- define "skysnap.upstreamTlsDir" -}}
+/etc/skysnap-upstream-tls
 {{- end }}
 
 {{- define "skysnap.storeKind" -}}
@@ -123,8 +148,10 @@ process exit, so the kubelet never SIGKILLs a pod that is still flushing batches
 
 {{/*
 skysnap's configuration file: the `config` values with the listen addresses taken from
-`ports` (so that container ports, Service and probes always agree). Tokens never go
-here: they come from the Secret as SKYSNAP_AUTH_* environment variables.
+`ports` (so that container ports, Service and probes always agree) and, when
+upstream.addresses is set, upstream.addresses / tls / tls_*_path / tls_domain from the
+`upstream` values. Tokens never go here: they come from the Secret as SKYSNAP_AUTH_* and
+SKYSNAP_UPSTREAM_TOKEN environment variables.
 */}}
 {{- define "skysnap.configYaml" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
@@ -137,6 +164,23 @@ here: they come from the Secret as SKYSNAP_AUTH_* environment variables.
 {{- $metrics := get $config "metrics" | default dict }}
 {{- $_ := set $metrics "addr" (printf "0.0.0.0:%d" (int .Values.ports.metrics)) }}
 {{- $_ := set $config "metrics" $metrics }}
+{{- if include "skysnap.upstreamEnabled" . }}
+{{- $upstream := get $config "upstream" | default dict }}
+{{- $_ := set $upstream "addresses" .Values.upstream.addresses }}
+{{- if include "skysnap.upstreamTls" . }}
+{{- $dir := include "skysnap.upstreamTlsDir" . }}
+{{- $_ := set $upstream "tls" true }}
+{{- $_ := set $upstream "tls_ca_path" (printf "%s/ca.crt" $dir) }}
+{{- if .Values.upstream.tls.clientCertificate }}
+{{- $_ := set $upstream "tls_cert_path" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $upstream "tls_key_path" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- with .Values.upstream.tls.domain }}
+{{- $_ := set $upstream "tls_domain" . }}
+{{- end }}
+{{- end }}
+{{- $_ := set $config "upstream" $upstream }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -171,12 +215,26 @@ Refuses value combinations that cannot work; included by every workload template
 {{- fail "receiver.autoscaling.minReplicas must not exceed receiver.autoscaling.maxReplicas." }}
 {{- end }}
 {{- range .Values.extraEnv }}
-{{- if has .name (list "SKYSNAP_SHUTDOWN_GRACE_MS" "SKYSNAP_GRPC_ADDR" "SKYSNAP_HTTP_ADDR" "SKYSNAP_METRICS_ADDR" "SKYSNAP_AUTH_AGENT_TOKEN" "SKYSNAP_AUTH_ADMIN_TOKEN" "SKYSNAP_LOG" "SKYSNAP_CONFIG") }}
-{{- fail (printf "extraEnv %s: set it through the chart's values instead (config.shutdown.grace_ms, ports, auth, logLevel), which the probes, Service and grace period follow." .name) }}
+{{- if has .name (list "SKYSNAP_SHUTDOWN_GRACE_MS" "SKYSNAP_GRPC_ADDR" "SKYSNAP_HTTP_ADDR" "SKYSNAP_METRICS_ADDR" "SKYSNAP_AUTH_AGENT_TOKEN" "SKYSNAP_AUTH_ADMIN_TOKEN" "SKYSNAP_LOG" "SKYSNAP_CONFIG" "SKYSNAP_UPSTREAM_ADDRESSES" "SKYSNAP_UPSTREAM_TOKEN" "SKYSNAP_UPSTREAM_TLS" "SKYSNAP_UPSTREAM_TLS_CA_PATH" "SKYSNAP_UPSTREAM_TLS_CERT_PATH" "SKYSNAP_UPSTREAM_TLS_KEY_PATH" "SKYSNAP_UPSTREAM_TLS_DOMAIN") }}
+{{- fail (printf "extraEnv %s: set it through the chart's values instead (config.shutdown.grace_ms, ports, auth, upstream, logLevel), which the probes, Service, grace period, Secret, TLS volume and NOTES follow." .name) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.auth.existingSecret (or .Values.auth.agentToken .Values.auth.adminToken) }}
-{{- fail "set either auth.existingSecret or auth.agentToken/auth.adminToken, not both." }}
+{{- if and .Values.auth.existingSecret (or .Values.auth.agentToken .Values.auth.adminToken .Values.upstream.token) }}
+{{- fail "set either auth.existingSecret or the tokens auth.agentToken / auth.adminToken / upstream.token, not both (with auth.existingSecret the upstream token is read from its key auth.existingSecretKeys.upstreamToken)." }}
+{{- end }}
+{{- $configUpstream := dig "upstream" dict (.Values.config | default dict) }}
+{{- if dig "addresses" list $configUpstream }}
+{{- if .Values.upstream.addresses }}
+{{- fail "the upstream OAP addresses are set twice, in upstream.addresses and config.upstream.addresses: keep upstream.addresses only (the chart renders it into the config, with the TLS files, the token Secret and NOTES)." }}
+{{- else }}
+{{- fail "config.upstream.addresses: set the top-level value upstream.addresses instead (the chart renders it into the config, with the TLS files, the token Secret and NOTES)." }}
+{{- end }}
+{{- end }}
+{{- if and .Values.upstream.tls.enabled (not .Values.upstream.tls.secretName) }}
+{{- fail (printf "upstream.tls.enabled needs upstream.tls.secretName: an existing Secret with ca.crt (and tls.crt / tls.key for upstream.tls.clientCertificate), mounted at %s." (include "skysnap.upstreamTlsDir" .)) }}
+{{- end }}
+{{- if and (not .Values.upstream.tls.enabled) (or .Values.upstream.tls.secretName .Values.upstream.tls.clientCertificate .Values.upstream.tls.domain) }}
+{{- fail "upstream.tls.secretName / clientCertificate / domain are set but upstream.tls.enabled is false: the receivers would speak plain gRPC to the OAP. Set upstream.tls.enabled true, or clear them." }}
 {{- end }}
 {{- end }}
 
@@ -222,10 +280,34 @@ Service named skysnap*, and skysnap refuses unknown SKYSNAP_* variables at start
 {{- end }}
 {{- end }}
 
+{{/*
+The receiver's upstream token (only the receiver serves gRPC and forwards): from the
+chart's Secret, or from auth.existingSecret's key (optional: a missing key passes the
+agents' own tokens). Nothing when upstream.addresses is empty.
+*/}}
+{{- define "skysnap.upstreamEnv" -}}
+{{- if include "skysnap.upstreamEnabled" . }}
+{{- if .Values.auth.existingSecret }}
+- name: SKYSNAP_UPSTREAM_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "skysnap.secretName" . }}
+      key: {{ .Values.auth.existingSecretKeys.upstreamToken }}
+      optional: true
+{{- else if .Values.upstream.token }}
+- name: SKYSNAP_UPSTREAM_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "skysnap.secretName" . }}
+      key: upstream-token
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Pod-level checksum annotations: a config or token change rolls the pods. */}}
 {{- define "skysnap.checksums" -}}
 checksum/config: {{ include "skysnap.configYaml" . | sha256sum }}
-{{- if and (not .Values.auth.existingSecret) (or .Values.auth.agentToken .Values.auth.adminToken) }}
+{{- if include "skysnap.chartSecret" . }}
 checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
 {{- end }}
 {{- end }}

@@ -492,9 +492,17 @@ async fn check_bad_input(server: &Server, fixture: &Fixture) {
             "start: \"x\"",
         ),
         (
-            format!("/api/v1/tasks/{}/flamegraph?instance=i", fixture.task),
+            format!("/api/v1/tasks/{}/flamegraph?instance=", fixture.task),
             400,
-            "instance:",
+            "instance: must not be empty",
+        ),
+        (
+            format!(
+                "/api/v1/tasks/{}/flamegraph?instance=a&instance=b",
+                fixture.task
+            ),
+            400,
+            "instance",
         ),
         (
             format!("/api/v1/tasks/{}/flamegraph?depth=3", fixture.task),

@@ -7,12 +7,13 @@ mod common;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use serde_json::Value;
 use skysnap::config::ClickHouseConfig;
 use skysnap::model::{ProfiledSegment, ProfiledSpan, SnapshotRecord};
 use skysnap::store::clickhouse::ClickHouseStore;
 use skysnap::store::sqlite::SqliteStore;
-use skysnap::store::Store;
+use skysnap::store::{SnapshotFilter, Store};
 
 use common::{clickhouse, clickhouse_count, clickhouse_url, fresh_database, Server};
 
@@ -295,8 +296,46 @@ async fn check_edge_segments(store: &dyn Store) {
     assert_eq!(read(store, "edge-odd").await, odd);
 }
 
+/// The flame graph's `instance` filter: snapshots carry no instance, so a segment's
+/// instance comes from its kept trace segment; segments not kept match no instance.
+async fn check_instance_filter(store: &dyn Store) {
+    let start = now_ms() - 60_000;
+    let mut rows = snapshots("inst-task", "inst-a", start, 3);
+    rows.extend(snapshots("inst-task", "inst-b", start, 5));
+    rows.extend(snapshots("inst-task", "inst-unkept", start, 7));
+    store.insert_snapshots(&rows).await.unwrap();
+    let on_b = ProfiledSegment {
+        instance: "shop-2".to_string(),
+        ..segment("inst-b", start)
+    };
+    store
+        .insert_profiled_segments(&[segment("inst-a", start), on_b])
+        .await
+        .unwrap();
+    let filter = |instance: &str| SnapshotFilter {
+        task_id_opt: Some("inst-task".to_string()),
+        instance_opt: Some(instance.to_string()),
+        ..SnapshotFilter::default()
+    };
+    assert_eq!(store.count_snapshots(&filter("shop-1")).await.unwrap(), 3);
+    assert_eq!(store.count_snapshots(&filter("shop-2")).await.unwrap(), 5);
+    assert_eq!(store.count_snapshots(&filter("shop-9")).await.unwrap(), 0);
+    let counted: u64 = store
+        .stack_counts(&filter("shop-2"))
+        .map(|count| count.unwrap().count)
+        .fold(0, |sum, count| async move { sum + count })
+        .await;
+    assert_eq!(counted, 5);
+    let whole = SnapshotFilter {
+        task_id_opt: Some("inst-task".to_string()),
+        ..SnapshotFilter::default()
+    };
+    assert_eq!(store.count_snapshots(&whole).await.unwrap(), 15);
+}
+
 async fn check_store(store: &dyn Store, removes_itself: bool) {
     check_round_trip(store).await;
+    check_instance_filter(store).await;
     check_resent_segment_replaces(store).await;
     check_segments_with_snapshots(store).await;
     check_task_segments_carry_trace_fields(store).await;

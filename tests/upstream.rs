@@ -207,6 +207,7 @@ async fn test_upstream_forwards_unknown_method_bytes_metadata_and_status() {
     request
         .metadata_mut()
         .insert("x-want-status", "7".parse().unwrap());
+    request.set_timeout(Duration::from_secs(7));
     let response = client
         .streaming(
             request,
@@ -238,6 +239,8 @@ async fn test_upstream_forwards_unknown_method_bytes_metadata_and_status() {
         seen[0].headers.get("authentication").unwrap(),
         "agent-token"
     );
+    // The agent's deadline travels with the call.
+    assert_eq!(seen[0].headers.get("grpc-timeout").unwrap(), "7000000u");
     let expected: Vec<u8> = messages.iter().flat_map(|m| framed(m)).collect();
     assert_eq!(
         seen[0].body, expected,

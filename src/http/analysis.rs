@@ -296,10 +296,12 @@ fn side_filter(
                 }
             }
             "instance" => {
-                return Err(ApiError::BadRequest(format!(
-                    "{key}: filtering by agent instance is not available: snapshots do not \
-                     carry the instance (the agent's ThreadSnapshot has none); filter by segment"
-                )))
+                if value.is_empty() {
+                    return Err(ApiError::BadRequest(format!("{key}: must not be empty")));
+                }
+                if filter.instance_opt.replace(value.clone()).is_some() {
+                    return Err(twice());
+                }
             }
             _ => {}
         }
@@ -597,8 +599,16 @@ mod tests {
             other => panic!("expected a 400, got {other:?}"),
         }
         let instance = vec![("instance".to_string(), "i".to_string())];
+        assert_eq!(
+            side_filter(&instance, "", "t")
+                .unwrap()
+                .instance_opt
+                .as_deref(),
+            Some("i")
+        );
+        let empty = vec![("instance".to_string(), String::new())];
         assert!(matches!(
-            side_filter(&instance, "", "t"),
+            side_filter(&empty, "", "t"),
             Err(ApiError::BadRequest(_))
         ));
     }

@@ -42,6 +42,9 @@ pub struct SnapshotFilter {
     pub start_opt: Option<i64>,
     /// Latest dump time, epoch milliseconds.
     pub end_opt: Option<i64>,
+    /// Agent instance: a snapshot carries none, so this keeps the snapshots of segments
+    /// whose kept trace segment (`profiled_segment`) names the instance.
+    pub instance_opt: Option<String>,
 }
 
 /// A value for one `?` of a snapshot filter's `WHERE`.
@@ -68,6 +71,10 @@ impl SnapshotFilter {
             ),
             ("dump_time >= ?", self.start_opt.map(FilterValue::Number)),
             ("dump_time <= ?", self.end_opt.map(FilterValue::Number)),
+            (
+                "segment_id IN (SELECT segment_id FROM profiled_segment WHERE instance = ?)",
+                self.instance_opt.clone().map(FilterValue::Text),
+            ),
         ];
         let (clauses, values): (Vec<&str>, Vec<FilterValue>) = conditions
             .into_iter()
@@ -170,6 +177,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_store_snapshot_filter_instance_goes_through_kept_segments() {
+        let filter = SnapshotFilter {
+            task_id_opt: Some("t".into()),
+            instance_opt: Some("i".into()),
+            ..SnapshotFilter::default()
+        };
+        assert_eq!(
+            filter.where_sql(),
+            (
+                "WHERE task_id = ? AND segment_id IN (SELECT segment_id FROM profiled_segment \
+                 WHERE instance = ?)"
+                    .to_string(),
+                vec![FilterValue::Text("t".into()), FilterValue::Text("i".into())]
+            )
+        );
+    }
+
+    #[test]
     fn test_store_snapshot_filter_where() {
         assert_eq!(
             SnapshotFilter::default().where_sql(),
@@ -180,6 +205,7 @@ mod tests {
             segment_id_opt: Some("s".into()),
             start_opt: Some(1),
             end_opt: Some(2),
+            instance_opt: None,
         };
         assert_eq!(
             filter.where_sql(),

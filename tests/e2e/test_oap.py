@@ -155,6 +155,11 @@ def test_forwarding_to_real_oap_profiling_stays_and_survives_oap_restart(e2e):
     oap_root = [s for s in oap_spans if s['spanId'] == 0][0]
     assert (root['start_time'], root['end_time']) == (oap_root['startTime'], oap_root['endTime'])
     assert root['duration'] == oap_root['endTime'] - oap_root['startTime']
+    # The flame graph by agent instance goes through the kept trace segments.
+    by_instance = skysnap.api('GET', f'/api/v1/tasks/{task["id"]}/flamegraph?instance={instance}')
+    assert by_instance['value'] >= summary['snapshot_count'] > 0, by_instance['value']
+    nobody = skysnap.api('GET', f'/api/v1/tasks/{task["id"]}/flamegraph?instance=nobody')
+    assert nobody['value'] == 0
     for name in ('skywalking.v3.TraceSegmentReportService', 'skywalking.v3.LogReportService',
                  'skywalking.v3.MeterReportService', 'skywalking.v3.ManagementService'):
         assert _metric(skysnap, 'skysnap_upstream_calls_total', f'service="{name}"', 'code="ok"') > 0, name

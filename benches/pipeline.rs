@@ -236,6 +236,7 @@ fn bench_pipeline_null_sink(c: &mut Criterion) {
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(1),
             budget: Duration::from_millis(1),
+            attempt_timeout: Duration::from_secs(5),
         };
         (0..2)
             .map(|index| {

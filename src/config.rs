@@ -62,6 +62,15 @@ pub struct GrpcConfig {
     pub max_stack_depth: usize,
     /// Concurrent HTTP/2 streams per agent connection.
     pub max_concurrent_streams: u32,
+    /// `collectSnapshot` streams open at once over all agents; more are refused
+    /// RESOURCE_EXHAUSTED at once (the agent retries with its next batch).
+    pub max_snapshot_streams: usize,
+    /// Bytes of snapshots handed to the shards and not yet committed, over all streams.
+    /// A stream that would pass it waits up to `snapshot_bytes_wait_ms` for room, then
+    /// ends RESOURCE_EXHAUSTED (what it handed over before is still committed).
+    pub max_snapshot_bytes_in_flight: usize,
+    /// Milliseconds a stream waits for room under `max_snapshot_bytes_in_flight`.
+    pub snapshot_bytes_wait_ms: u64,
     /// PEM certificate chain; with `tls_key_path` it turns TLS on for gRPC.
     pub tls_cert_path: Option<PathBuf>,
     /// PEM private key for `tls_cert_path`.
@@ -75,6 +84,9 @@ impl Default for GrpcConfig {
             max_message_bytes: 4 * 1024 * 1024,
             max_stack_depth: 2000,
             max_concurrent_streams: 1024,
+            max_snapshot_streams: 4_096,
+            max_snapshot_bytes_in_flight: 256 * 1024 * 1024,
+            snapshot_bytes_wait_ms: 5_000,
             tls_cert_path: None,
             tls_key_path: None,
         }
@@ -122,11 +134,25 @@ pub enum StoreKind {
     Clickhouse,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `sqlite` (embedded, the default) or `clickhouse`.
     pub kind: StoreKind,
+    /// Milliseconds any one store call may take before it fails as unavailable: a store
+    /// that accepts connections and never answers must not hold a shard, a cache or an
+    /// API request. Above the longest honest call (a flame graph's store query streams
+    /// and is bounded per item, not in total).
+    pub timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::default(),
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +222,10 @@ pub struct KafkaConfig {
     pub consume_batch_snapshots: usize,
     /// Milliseconds `skysnap consume` waits to fill a batch before committing it.
     pub consume_batch_wait_ms: u64,
+    /// Topic where `skysnap consume` puts what it cannot store — a value that is no
+    /// valid `ThreadSnapshot`, a snapshot the store refuses for good — with the reason
+    /// in headers, so that one bad message never stops the group; empty = `<topic>.dlq`.
+    pub dlq_topic: String,
     /// Further librdkafka settings for producer and consumer alike, e.g.
     /// `security.protocol: ssl`, `sasl.mechanisms: PLAIN`.
     pub properties: std::collections::BTreeMap<String, String>,
@@ -212,6 +242,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 45_000,
             consume_batch_snapshots: 2_000,
             consume_batch_wait_ms: 200,
+            dlq_topic: String::new(),
             properties: std::collections::BTreeMap::new(),
         }
     }
@@ -281,6 +312,10 @@ pub struct SinkConfig {
     pub retry_max_backoff_ms: u64,
     /// Total milliseconds a batch may spend retrying.
     pub retry_budget_ms: u64,
+    /// Milliseconds one write attempt may take; past it the attempt counts as a retriable
+    /// failure. With the budget it bounds a batch at budget + one attempt (15 s by
+    /// default), under the 30 s SkyWalking agents give a stream.
+    pub attempt_timeout_ms: u64,
 }
 
 impl Default for SinkConfig {
@@ -290,6 +325,7 @@ impl Default for SinkConfig {
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 2_000,
             retry_budget_ms: 10_000,
+            attempt_timeout_ms: 5_000,
         }
     }
 }
@@ -309,6 +345,10 @@ pub struct TasksConfig {
     pub log_flush_interval_ms: u64,
     /// Log keys remembered to skip re-writing a NOTIFIED the store already has.
     pub log_dedup_capacity: usize,
+    /// Store reads per second, at most, for task ids of snapshots no cache knows (they
+    /// are stored anyway and counted as unknown); a flood of random ids costs the store
+    /// no more than this.
+    pub unknown_lookups_per_second: u32,
 }
 
 impl Default for TasksConfig {
@@ -320,6 +360,7 @@ impl Default for TasksConfig {
             by_id_cache_size: 10_000,
             log_flush_interval_ms: 100,
             log_dedup_capacity: 100_000,
+            unknown_lookups_per_second: 20,
         }
     }
 }
@@ -541,6 +582,12 @@ impl Config {
         if self.grpc.max_message_bytes < 1024 {
             return invalid("grpc.max_message_bytes", "must be at least 1024");
         }
+        if self.grpc.max_snapshot_bytes_in_flight < self.grpc.max_message_bytes {
+            return invalid(
+                "grpc.max_snapshot_bytes_in_flight",
+                "must be at least grpc.max_message_bytes (one message must fit)",
+            );
+        }
         if self.grpc.max_stack_depth == 0 {
             return invalid("grpc.max_stack_depth", "must be greater than zero");
         }
@@ -690,6 +737,12 @@ impl Config {
             ),
             ("upstream.timeout_ms", self.upstream.timeout_ms),
             ("upstream.retry_backoff_ms", self.upstream.retry_backoff_ms),
+            ("store.timeout_ms", self.store.timeout_ms),
+            (
+                "grpc.snapshot_bytes_wait_ms",
+                self.grpc.snapshot_bytes_wait_ms,
+            ),
+            ("sink.attempt_timeout_ms", self.sink.attempt_timeout_ms),
             ("segments.pending_delay_ms", self.segments.pending_delay_ms),
         ] {
             if value == 0 {
@@ -702,6 +755,7 @@ impl Config {
                 self.upstream.max_concurrent_calls,
             ),
             ("segments.index_capacity", self.segments.index_capacity),
+            ("grpc.max_snapshot_streams", self.grpc.max_snapshot_streams),
             ("segments.max_spans", self.segments.max_spans),
         ] {
             if value == 0 {
@@ -713,6 +767,10 @@ impl Config {
         }
         if self.kafka.consume_batch_snapshots == 0 {
             return invalid("kafka.consume_batch_snapshots", "must be greater than zero");
+        }
+        if self.kafka.dlq_topic.trim() == self.kafka.topic.trim() {
+            // A dead letter would be read again, refused again, and sent round forever.
+            return invalid("kafka.dlq_topic", "must differ from kafka.topic");
         }
         Ok(())
     }

@@ -5,6 +5,8 @@
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
+use std::time::Duration;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const SNAPSHOTS_RECEIVED: &str = "skysnap_snapshots_received_total";
@@ -22,6 +24,7 @@ pub const BATCH_FLUSH_DURATION: &str = "skysnap_batch_flush_duration_seconds";
 pub const SINK_ERRORS: &str = "skysnap_sink_errors_total";
 pub const SINK_RETRIES: &str = "skysnap_sink_retries_total";
 pub const TASKS_NOTIFIED: &str = "skysnap_tasks_notified_total";
+pub const TASKS_NOTIFY_DEFERRED: &str = "skysnap_tasks_notify_deferred_total";
 pub const TASK_LOGS_WRITTEN: &str = "skysnap_task_logs_written_total";
 pub const TASK_LOGS_DROPPED: &str = "skysnap_task_logs_dropped_total";
 pub const TASK_FINISH_UNKNOWN: &str = "skysnap_task_finish_unknown_total";
@@ -34,6 +37,8 @@ pub const SINK_SNAPSHOTS_WRITTEN: &str = "skysnap_sink_snapshots_written_total";
 pub const CONSUMER_LAG: &str = "skysnap_consumer_lag_messages";
 pub const CONSUMER_COMMITS: &str = "skysnap_consumer_commits_total";
 pub const CONSUMER_BATCHES: &str = "skysnap_consumer_batches_total";
+pub const CONSUMER_DEAD_LETTERED: &str = "skysnap_consumer_dead_lettered_total";
+pub const CONSUMER_DEAD_LETTER_FAILURES: &str = "skysnap_consumer_dead_letter_failures_total";
 pub const UPSTREAM_CALLS: &str = "skysnap_upstream_calls_total";
 pub const UPSTREAM_MESSAGES: &str = "skysnap_upstream_messages_total";
 pub const UPSTREAM_BYTES: &str = "skysnap_upstream_bytes_total";
@@ -43,11 +48,53 @@ pub const UPSTREAM_REFUSED: &str = "skysnap_upstream_refused_total";
 pub const TAP_ERRORS: &str = "skysnap_tap_errors_total";
 pub const SEGMENTS_KEPT: &str = "skysnap_profiled_segments_kept_total";
 pub const SEGMENTS_SKIPPED: &str = "skysnap_profiled_segments_skipped_total";
+pub const TASK_LOOKUPS: &str = "skysnap_task_lookups_total";
+pub const STREAMS_REFUSED: &str = "skysnap_grpc_streams_refused_total";
+pub const STORE_TIMEOUTS: &str = "skysnap_store_timeouts_total";
 pub const RETENTION_ROWS_REMOVED: &str = "skysnap_retention_rows_removed_total";
 
-/// Installs the global recorder; the returned handle renders `/metrics`.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
+/// Which process records: every series carries it as its `role` label, so that the
+/// pipeline series both roles emit (snapshots received and committed, sink writes) are
+/// told apart — in Kafka mode a snapshot is committed once by a receiver (to the topic)
+/// and once more by a consumer (to the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `skysnap serve`.
+    Receiver,
+    /// `skysnap consume`.
+    Consumer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Receiver => "receiver",
+            Role::Consumer => "consumer",
+        }
+    }
+}
+
+/// How often the recorder drains histogram samples into their buckets. Without it the
+/// samples pile up in memory while nothing scrapes (the crate leaves the timer to whoever
+/// installs with `install_recorder`).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Installs the global recorder, labelling every series with the role, and starts its
+/// upkeep timer; the returned handle renders `/metrics`.
+pub fn install(role: Role) -> anyhow::Result<PrometheusHandle> {
+    let handle = builder(role)?.install_recorder()?;
+    let upkeep_handle = handle.clone();
+    spawn_upkeep(UPKEEP_INTERVAL, move || upkeep_handle.run_upkeep())?;
+    describe();
+    register_zeros();
+    gauge!("skysnap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// The recorder's settings: the role label and the histogram buckets.
+fn builder(role: Role) -> anyhow::Result<PrometheusBuilder> {
+    Ok(PrometheusBuilder::new()
+        .add_global_label("role", role.as_str())
         .set_buckets_for_metric(
             Matcher::Full(BATCH_FLUSH_DURATION.to_string()),
             &[
@@ -65,12 +112,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             &[
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],
-        )?
-        .install_recorder()?;
-    describe();
-    register_zeros();
-    gauge!("skysnap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    Ok(handle)
+        )?)
+}
+
+/// Runs `upkeep` every `interval` on a thread of its own for the life of the process:
+/// the recorder is process-wide, and a thread keeps the timer off the async runtimes
+/// (serve's actix system, consume's tokio runtime) and outside their shutdown.
+fn spawn_upkeep(
+    interval: Duration,
+    upkeep: impl Fn() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("skysnap-metrics-upkeep".to_string())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            upkeep();
+        })
 }
 
 /// Reasons a snapshot is rejected as invalid (the `reason` label values).
@@ -94,7 +151,12 @@ pub const STREAM_FAILURE_CODES: &[&str] = &[
 ];
 
 /// Reasons a valid snapshot is refused (not committed).
-pub const REFUSE_REASONS: &[&str] = &["sink_unavailable", "shutting_down"];
+pub const REFUSE_REASONS: &[&str] = &[
+    "sink_unavailable",
+    "shutting_down",
+    "overloaded",
+    "stream_broken",
+];
 
 /// Makes every counter with a fixed label set visible at 0 from the start, so that
 /// dashboards and `rate()` see a series before its first event.
@@ -108,6 +170,7 @@ fn register_zeros() {
         TASKS_CREATED,
         TASK_FINISH_UNKNOWN,
         TASK_LOGS_DROPPED,
+        TASKS_NOTIFY_DEFERRED,
     ] {
         counter!(name).absolute(0);
     }
@@ -124,6 +187,12 @@ fn register_zeros() {
         counter!(TASK_LOGS_WRITTEN, "operation" => operation).absolute(0);
     }
     gauge!(STREAMS_ACTIVE).set(0.0);
+    for reason in ["streams", "bytes"] {
+        counter!(STREAMS_REFUSED, "reason" => reason).absolute(0);
+    }
+    for result in ["found", "missing", "error", "skipped"] {
+        counter!(TASK_LOOKUPS, "result" => result).absolute(0);
+    }
     for reason in SEGMENT_SKIP_REASONS {
         counter!(SEGMENTS_SKIPPED, "reason" => *reason).absolute(0);
     }
@@ -148,9 +217,17 @@ pub fn register_sink_zeros(sink: &'static str) {
     counter!(SINK_SNAPSHOTS_WRITTEN, "sink" => sink).absolute(0);
 }
 
+/// The `reason` of a dead-lettered valid snapshot the store refused for good; the
+/// others are the rejection reasons of invalid messages (`REJECT_REASONS`).
+pub const STORE_REFUSED: &str = "store_refused";
+
 /// The consumer's own series, visible at 0 from its start.
 pub fn register_consumer_zeros() {
     counter!(CONSUMER_BATCHES).absolute(0);
+    for reason in REJECT_REASONS.iter().chain([&STORE_REFUSED]) {
+        counter!(CONSUMER_DEAD_LETTERED, "reason" => *reason).absolute(0);
+    }
+    counter!(CONSUMER_DEAD_LETTER_FAILURES).absolute(0);
     for result in ["ok", "failed"] {
         counter!(CONSUMER_COMMITS, "result" => result).absolute(0);
     }
@@ -158,6 +235,31 @@ pub fn register_consumer_zeros() {
 }
 
 fn describe() {
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Messages of this consumer's partitions past the group's committed offsets"
+    );
+    describe_counter!(
+        CONSUMER_COMMITS,
+        Unit::Count,
+        "Kafka offset commits after a stored batch, by result"
+    );
+    describe_counter!(
+        CONSUMER_BATCHES,
+        Unit::Count,
+        "Batches the consumer stored (and dead-lettered) before committing their offsets"
+    );
+    describe_counter!(
+        CONSUMER_DEAD_LETTERED,
+        Unit::Count,
+        "Messages sent to the dead-letter topic, by reason (a rejection reason, or store_refused)"
+    );
+    describe_counter!(
+        CONSUMER_DEAD_LETTER_FAILURES,
+        Unit::Count,
+        "Failed deliveries to the dead-letter topic (the batch's offsets stay uncommitted; retried)"
+    );
     describe_counter!(
         SNAPSHOTS_RECEIVED,
         Unit::Count,
@@ -249,6 +351,21 @@ fn describe() {
         "Trace segments that may have been profiled but were not kept, by reason"
     );
     describe_counter!(
+        TASK_LOOKUPS,
+        Unit::Count,
+        "Store reads for task ids of snapshots no cache knew, by result (found, missing, error, skipped: over the rate limit)"
+    );
+    describe_counter!(
+        STREAMS_REFUSED,
+        Unit::Count,
+        "collectSnapshot streams refused RESOURCE_EXHAUSTED, by limit (streams, bytes)"
+    );
+    describe_counter!(
+        STORE_TIMEOUTS,
+        Unit::Count,
+        "Store calls that got no answer within store.timeout_ms, by store and call"
+    );
+    describe_counter!(
         BATCHES_FLUSHED,
         Unit::Count,
         "Shard batches closed, by reason"
@@ -269,6 +386,11 @@ fn describe() {
         TASKS_NOTIFIED,
         Unit::Count,
         "ProfileTaskQuery commands handed to agents"
+    );
+    describe_counter!(
+        TASKS_NOTIFY_DEFERRED,
+        Unit::Count,
+        "Commands held back to the agent's next poll because the task log writer was full"
     );
     describe_counter!(
         TASK_LOGS_WRITTEN,
@@ -300,6 +422,10 @@ fn describe() {
         Unit::Count,
         "Profile tasks created through this replica"
     );
+}
+
+pub fn dead_lettered(reason: &'static str) {
+    counter!(CONSUMER_DEAD_LETTERED, "reason" => reason).increment(1);
 }
 
 pub fn snapshot_rejected(reason: &'static str) {
@@ -336,4 +462,49 @@ pub fn batch_written(sink: &'static str, size: usize, seconds: f64) {
     counter!(SINK_SNAPSHOTS_WRITTEN, "sink" => sink).increment(size as u64);
     histogram!(BATCH_SIZE, "sink" => sink).record(size as f64);
     histogram!(BATCH_FLUSH_DURATION, "sink" => sink).record(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn test_metrics_every_series_carries_the_role() {
+        let recorder = builder(Role::Consumer).unwrap().build_recorder();
+        let handle = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, || {
+            counter!(SNAPSHOTS_COMMITTED).increment(3);
+            batch_written("sqlite", 3, 0.01);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("skysnap_snapshots_committed_total{role=\"consumer\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skysnap_batch_size_snapshots_bucket{role=\"consumer\",sink=\"sqlite\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn test_metrics_upkeep_runs_on_its_timer() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        spawn_upkeep(Duration::from_millis(10), move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        while runs.load(Ordering::SeqCst) < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "upkeep ran {} times",
+                runs.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }

@@ -32,7 +32,14 @@ pub fn run(config: Config) -> anyhow::Result<bool> {
     system.block_on(serve(config))
 }
 
+/// Opens the configured store, every call of it bounded by `store.timeout_ms`.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let limit = Duration::from_millis(config.store.timeout_ms);
+    let store = open_unbounded_store(config, limit).await?;
+    Ok(crate::store::timeout::TimeoutStore::wrap(store, limit))
+}
+
+async fn open_unbounded_store(config: &Config, limit: Duration) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Sqlite => {
             let path = config.sqlite.path.clone();
@@ -47,8 +54,19 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Ok(Arc::new(store))
         }
         StoreKind::Clickhouse => {
-            let store = ClickHouseStore::connect(&config.clickhouse, config.retention.days)
+            // Start-up reads the version and may create the schema (many statements):
+            // bounded too, but not by one call's limit.
+            let startup_limit = limit.max(Duration::from_secs(30));
+            let connect = ClickHouseStore::connect(&config.clickhouse, config.retention.days);
+            let store = tokio::time::timeout(startup_limit, connect)
                 .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no answer within {} s while connecting and creating the schema",
+                        startup_limit.as_secs()
+                    )
+                })
+                .and_then(|result| result.map_err(anyhow::Error::from))
                 .with_context(|| format!("cannot use clickhouse.url {}", config.clickhouse.url))?;
             Ok(Arc::new(store))
         }
@@ -65,24 +83,28 @@ pub async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-pub async fn signal() {
+/// Resolves on SIGTERM or SIGINT. The SIGTERM handler is installed when this is called,
+/// not when the future is first polled: call it before telling anyone the process is
+/// ready, or a SIGTERM in between kills the process instead of draining it.
+pub fn signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM received"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<bool> {
-    let prometheus = metrics::install()?;
+    let prometheus = metrics::install(metrics::Role::Receiver)?;
     let store = open_store(&config).await?;
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
     let http_listener = bind("http.addr", config.http.addr).await?;
@@ -130,10 +152,11 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
 
     tracing::info!(%grpc_addr, %http_addr, %metrics_addr, shards = pipeline.handles.shards.len(), "skysnap serving");
     // One line on stdout for scripts and tests that start skysnap on port 0.
+    let stop_signal = signal();
     println!("skysnap ready grpc={grpc_addr} http={http_addr} metrics={metrics_addr}");
 
     let early_exit = tokio::select! {
-        _ = signal() => None,
+        _ = stop_signal => None,
         result = &mut grpc_task => Some(result),
     };
     let grace = Duration::from_millis(config.shutdown.grace_ms);

@@ -1,7 +1,8 @@
 //! Kafka mode against the real broker the test command starts (Apache Kafka 4.x, KRaft,
 //! loopback): receivers write the topic, `skysnap consume` moves it into ClickHouse and
-//! SQLite, and a consumer killed with SIGKILL mid-topic loses nothing. A fresh topic and
-//! database per test.
+//! SQLite, a consumer killed with SIGKILL mid-topic loses nothing, and what the consumer
+//! cannot store goes to the dead-letter topic without stopping the group. A fresh topic
+//! and database per test.
 
 mod common;
 
@@ -10,9 +11,13 @@ use std::time::Duration;
 
 use skysnap::proto::v3::ThreadSnapshot;
 
+use prost::Message as _;
+use skysnap::proto::v3::ThreadSnapshot as Snapshot;
+
 use common::{
-    clickhouse, clickhouse_count, clickhouse_url, eventually, fresh_database, fresh_topic,
-    kafka_brokers, read_topic, snapshot, snapshot_rows, Consumer, Server,
+    clickhouse, clickhouse_count, clickhouse_url, committed_and_end_offsets, create_topic,
+    eventually, fresh_database, fresh_topic, kafka_brokers, parse_metric, produce_raw, read_topic,
+    read_topic_raw, snapshot, snapshot_rows, Consumer, Server,
 };
 
 const STREAMS: usize = 20;
@@ -203,6 +208,234 @@ async fn test_consumer_killed_mid_topic_and_restarted_misses_nothing() {
     restarted.stop();
 }
 
+/// Bytes no protobuf decoder takes: a varint longer than ten bytes.
+fn garbage() -> Vec<u8> {
+    let mut bytes = vec![0xff; 11];
+    bytes.extend_from_slice(b" is no ThreadSnapshot");
+    assert!(Snapshot::decode(bytes.as_slice()).is_err());
+    bytes
+}
+
+/// Makes the SQLite store refuse, for good, every snapshot of one segment. A snapshot
+/// that passes the consumer's validation is taken by both stores as they ship (no
+/// column, constraint or size limit of theirs refuses one), so a store rule (a trigger
+/// that aborts the insert, as a DBA's constraint would) stands in for "a row the store
+/// rejects": SQLite answers it with a constraint error, which skysnap treats as final.
+fn refuse_segment_in_sqlite(db: &std::path::Path, segment: &str) {
+    drop(skysnap::store::sqlite::SqliteStore::open(db, 1).expect("schema created"));
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute_batch(&format!(
+            "CREATE TRIGGER refuse_segment BEFORE INSERT ON profile_thread_snapshot \
+             WHEN NEW.segment_id = '{segment}' \
+             BEGIN SELECT RAISE(ABORT, 'segment {segment} refused by a store rule'); END;"
+        ))
+        .unwrap();
+}
+
+/// Waits until the group has committed every partition of the topic to its end.
+async fn wait_until_committed_to_end(group: &str, topic: &str, consumer: &Consumer) {
+    eventually(Duration::from_secs(60), || {
+        let offsets = committed_and_end_offsets(group, topic);
+        let done = offsets
+            .values()
+            .all(|(committed, end)| *committed == Some(*end));
+        if !done {
+            eprintln!("committed/end: {offsets:?}");
+        }
+        std::future::ready(done.then_some(()))
+    })
+    .await;
+    assert!(!consumer.log().contains("panicked"), "{}", consumer.log());
+}
+
+#[tokio::test]
+async fn test_consumer_dead_letters_invalid_and_refused_messages_and_moves_on() {
+    let topic = fresh_topic("kdlq", 2).await;
+    // The default dead-letter topic, `<topic>.dlq`, created as an operator would.
+    let dlq = format!("{topic}.dlq");
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("consumed.db");
+    refuse_segment_in_sqlite(&db, "dlq-refused");
+
+    // 300 good snapshots over 6 segments; the bad ones among them, each with its reason.
+    let mut messages: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..300)
+        .map(|n| {
+            let segment = format!("dlq-good-{}", n % 6);
+            let value = snapshot("task-dlq", &segment, n / 6).encode_to_vec();
+            (segment.into_bytes(), Some(value))
+        })
+        .collect();
+    let mut nameless = snapshot("task-dlq", "dlq-nameless", 0);
+    nameless.task_id.clear();
+    let bad: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
+        ("garbage", Some(garbage()), "malformed"),
+        ("nameless", Some(nameless.encode_to_vec()), "empty_task_id"),
+        ("tombstone", None, "malformed"),
+        (
+            "dlq-refused",
+            Some(snapshot("task-dlq", "dlq-refused", 0).encode_to_vec()),
+            "store_refused",
+        ),
+    ];
+    for (position, (key, value, _)) in [40, 120, 121, 250].into_iter().zip(&bad) {
+        messages.insert(position, (key.as_bytes().to_vec(), value.clone()));
+    }
+    let borrowed: Vec<(&[u8], Option<Vec<u8>>)> = messages
+        .iter()
+        .map(|(key, value)| (key.as_slice(), value.clone()))
+        .collect();
+    let placed = produce_raw(&topic, &borrowed).await;
+
+    let group = format!("dlq-group-{topic}");
+    let mut consumer = Consumer::start(
+        dir.path(),
+        &[
+            ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
+            ("SKYSNAP_KAFKA_GROUP_ID", group.as_str()),
+            // Small batches: the refused snapshot shares its batch with good ones.
+            ("SKYSNAP_KAFKA_CONSUME_BATCH_SNAPSHOTS", "40"),
+            ("SKYSNAP_SQLITE_PATH", db.to_str().unwrap()),
+        ],
+    );
+    // The group moves past every message, bad ones included, and every good one landed.
+    wait_until_committed_to_end(&group, &topic, &consumer).await;
+    assert_eq!(snapshot_rows(&db, "dlq-good-%"), 300);
+    assert_eq!(snapshot_rows(&db, "dlq-refused"), 0);
+
+    // One dead letter per bad message: its original key and bytes, and why.
+    let letters = read_topic_raw(&dlq);
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    for (key, value, reason) in &bad {
+        let index = messages
+            .iter()
+            .position(|(k, _)| k.as_slice() == key.as_bytes())
+            .unwrap();
+        let (partition, offset) = placed[index];
+        let letter = letters
+            .iter()
+            .find(|letter| letter.key_opt.as_deref() == Some(key.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {key}: {letters:?}"));
+        assert_eq!(&letter.value_opt, value, "{key}: the original bytes");
+        assert_eq!(letter.headers["skysnap-reason"], *reason, "{key}");
+        assert_eq!(letter.headers["skysnap-source-topic"], topic);
+        assert_eq!(
+            letter.headers["skysnap-source-partition"],
+            partition.to_string()
+        );
+        assert_eq!(letter.headers["skysnap-source-offset"], offset.to_string());
+        let error = &letter.headers["skysnap-error"];
+        assert!(
+            error.contains(reason) || *reason == "store_refused",
+            "{key}: {error}"
+        );
+        if *reason == "store_refused" {
+            assert!(error.contains("refused by a store rule"), "{error}");
+        }
+    }
+
+    let scrape = consumer.scrape().await;
+    let dead_lettered = |reason: &str| {
+        parse_metric(
+            &scrape,
+            "skysnap_consumer_dead_lettered_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(dead_lettered("malformed"), 2.0, "{scrape}");
+    assert_eq!(dead_lettered("empty_task_id"), 1.0);
+    assert_eq!(dead_lettered("store_refused"), 1.0);
+    assert_eq!(
+        parse_metric(&scrape, "skysnap_consumer_dead_letter_failures_total", &[]),
+        0.0
+    );
+    // The consumer's series say so: a receiver's committed snapshots are not these.
+    assert_eq!(
+        parse_metric(
+            &scrape,
+            "skysnap_snapshots_committed_total",
+            &["role=\"consumer\""]
+        ),
+        300.0,
+        "{scrape}"
+    );
+    // The refusal itself is counted where every sink failure is.
+    assert!(
+        parse_metric(
+            &scrape,
+            "skysnap_sink_errors_total",
+            &["sink=\"sqlite\"", "retriable=\"false\""]
+        ) >= 1.0
+    );
+    consumer.stop();
+}
+
+#[tokio::test]
+async fn test_consumer_commits_nothing_past_a_dead_letter_it_could_not_deliver() {
+    let topic = fresh_topic("kdlqdown", 1).await;
+    // Not created yet, and the broker creates no topic by itself: the dead letter cannot
+    // be delivered.
+    let dlq = format!("{topic}.dlq");
+    let mut messages: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..20)
+        .map(|n| {
+            let value = snapshot("task-dlq", "dlqdown-good", n).encode_to_vec();
+            (b"dlqdown-good".to_vec(), Some(value))
+        })
+        .collect();
+    messages.insert(10, (b"garbage".to_vec(), Some(garbage())));
+    let borrowed: Vec<(&[u8], Option<Vec<u8>>)> = messages
+        .iter()
+        .map(|(key, value)| (key.as_slice(), value.clone()))
+        .collect();
+    let placed = produce_raw(&topic, &borrowed).await;
+    let garbage_offset = placed[10].1;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("consumed.db");
+    let group = format!("dlqdown-group-{topic}");
+    let mut consumer = Consumer::start(
+        dir.path(),
+        &[
+            ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
+            ("SKYSNAP_KAFKA_GROUP_ID", group.as_str()),
+            ("SKYSNAP_KAFKA_MESSAGE_TIMEOUT_MS", "1500"),
+            ("SKYSNAP_SQLITE_PATH", db.to_str().unwrap()),
+        ],
+    );
+    eventually(Duration::from_secs(60), || async {
+        let failures = parse_metric(
+            &consumer.scrape().await,
+            "skysnap_consumer_dead_letter_failures_total",
+            &[],
+        );
+        (failures >= 2.0).then_some(())
+    })
+    .await;
+    let offsets = committed_and_end_offsets(&group, &topic);
+    let (committed, _) = offsets[&0];
+    assert!(
+        committed.is_none_or(|offset| offset <= garbage_offset),
+        "committed past an undelivered dead letter: {offsets:?}"
+    );
+
+    // The topic appears: the same consumer delivers the letter and moves on.
+    create_topic(&dlq, 1).await;
+    wait_until_committed_to_end(&group, &topic, &consumer).await;
+    assert_eq!(snapshot_rows(&db, "dlqdown-good"), 20);
+    let letters = read_topic_raw(&dlq);
+    assert!(!letters.is_empty());
+    assert!(
+        letters.iter().all(
+            |letter| letter.key_opt.as_deref() == Some(b"garbage".as_slice())
+                && letter.value_opt == Some(garbage())
+                && letter.headers["skysnap-source-offset"] == garbage_offset.to_string()
+        ),
+        "{letters:?}"
+    );
+    consumer.stop();
+}
+
 /// Every metric the shipped Grafana dashboard queries exists in a real scrape of a
 /// receiver and a consumer.
 fn check_dashboard_metrics(scrape: &str) {
@@ -248,5 +481,37 @@ fn check_dashboard_metrics(scrape: &str) {
         missing.is_empty(),
         "dashboard queries metrics no scrape has: {missing:?}"
     );
+    // A panel that picks one role (so that kafka mode does not count a snapshot twice)
+    // picks a role the binaries really label their series with.
+    let mut role_selectors = HashSet::new();
+    for expr in &queries {
+        for (start, _) in expr.match_indices("skysnap_") {
+            let rest = &expr[start..];
+            let name_end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let Some(selector) = rest[name_end..].strip_prefix('{') else {
+                continue;
+            };
+            let selector = &selector[..selector.find('}').expect("closed selector")];
+            if let Some(role) = selector.split("role=\"").nth(1) {
+                let role = &role[..role.find('"').unwrap()];
+                role_selectors.insert((rest[..name_end].to_string(), role.to_string()));
+            }
+        }
+    }
+    assert!(
+        !role_selectors.is_empty(),
+        "the ingest panel selects by role"
+    );
+    for (name, role) in &role_selectors {
+        let label = format!("role=\"{role}\"");
+        assert!(
+            scrape
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label)),
+            "dashboard selects {name}{{{label}}}, which no scrape has"
+        );
+    }
     eprintln!("dashboard metrics found in the scrape: {}", names.len());
 }

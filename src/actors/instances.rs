@@ -64,6 +64,11 @@ impl InstanceRegistry {
 
 impl Actor for InstanceRegistry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The gRPC tap hands heartbeats over with try_send; a burst of agents must fit.
+        ctx.set_mailbox_capacity(4_096);
+    }
 }
 
 impl Handler<Heartbeat> for InstanceRegistry {

@@ -323,6 +323,7 @@ mod tests {
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(1),
             budget: Duration::from_millis(10),
+            attempt_timeout: Duration::from_secs(5),
         };
         SnapshotShard::new(0, sinks, limits, retry, 4).start()
     }
@@ -480,6 +481,7 @@ mod tests {
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(1),
             budget: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
         };
         // One snapshot per batch: every Ingest closes a batch.
         let shard = SnapshotShard::new(0, sinks, limits(1, usize::MAX, 60_000), retry, 8).start();

@@ -1,6 +1,11 @@
 //! The by-id task cache: task id → task, bounded (least recently used goes first),
-//! filled from the store on a miss. A miss is never cached, because a task created on
-//! another replica a moment ago must be found on the next call.
+//! filled from the store on a miss. `GetTask` never trusts a cached miss, because a task
+//! created on another replica a moment ago must be found on the next call.
+//!
+//! The unknown-task check of snapshot streams must not wait on the store, nor turn a
+//! flood of random task ids into a flood of store reads: it asks `PeekTask` (memory only,
+//! with a short negative cache of ids the store did not have) and, for an id neither
+//! knows, starts a background `LookUpTask`, at most `tasks.unknown_lookups_per_second`.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -19,8 +24,36 @@ pub struct GetTask {
     pub id: String,
 }
 
+/// What memory alone says of a task id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peeked {
+    Known,
+    /// The store did not have it within the negative cache's time.
+    Missing,
+    /// Neither cache has heard of it.
+    NotCached,
+}
+
+#[derive(Message)]
+#[rtype(result = "Peeked")]
+pub struct PeekTask {
+    pub id: String,
+}
+
+/// Reads the id from the store into the caches (the task, or a negative entry).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LookUpTask {
+    pub id: String,
+}
+
+/// How long the store's "no such task" is believed by `PeekTask`.
+const NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct TaskByIdCache {
     tasks: LruCache<String, Task>,
+    /// Ids the store did not have, and when it said so.
+    missing: LruCache<String, std::time::Instant>,
     store: Arc<dyn Store>,
 }
 
@@ -29,6 +62,7 @@ impl TaskByIdCache {
         let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         TaskByIdCache {
             tasks: LruCache::new(capacity),
+            missing: LruCache::new(capacity),
             store,
         }
     }
@@ -36,6 +70,51 @@ impl TaskByIdCache {
 
 impl Actor for TaskByIdCache {
     type Context = Context<Self>;
+}
+
+impl Handler<PeekTask> for TaskByIdCache {
+    type Result = MessageResult<PeekTask>;
+
+    fn handle(&mut self, message: PeekTask, _ctx: &mut Self::Context) -> Self::Result {
+        if self.tasks.get(&message.id).is_some() {
+            return MessageResult(Peeked::Known);
+        }
+        match self.missing.get(&message.id) {
+            Some(at) if at.elapsed() < NEGATIVE_TTL => MessageResult(Peeked::Missing),
+            _ => MessageResult(Peeked::NotCached),
+        }
+    }
+}
+
+impl Handler<LookUpTask> for TaskByIdCache {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, message: LookUpTask, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.store.clone();
+        let id = message.id;
+        Box::pin(
+            async move {
+                let result = store.get_task(&id).await;
+                (id, result)
+            }
+            .into_actor(self)
+            .map(|(id, result), cache, _ctx| {
+                let outcome = match result {
+                    Ok(Some(task)) => {
+                        cache.missing.pop(&id);
+                        cache.tasks.put(id, task);
+                        "found"
+                    }
+                    Ok(None) => {
+                        cache.missing.put(id, std::time::Instant::now());
+                        "missing"
+                    }
+                    Err(_) => "error",
+                };
+                ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => outcome).increment(1);
+            }),
+        )
+    }
 }
 
 impl Handler<GetTask> for TaskByIdCache {
@@ -67,6 +146,7 @@ impl Handler<TaskCreated> for TaskByIdCache {
     type Result = ();
 
     fn handle(&mut self, message: TaskCreated, _ctx: &mut Self::Context) {
+        self.missing.pop(&message.0.id);
         self.tasks.put(message.0.id.clone(), message.0);
         metrics::cache_size("by_id", self.tasks.len());
     }

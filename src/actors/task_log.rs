@@ -16,6 +16,9 @@ use crate::metrics;
 use crate::model::{TaskLog, TaskLogKey};
 use crate::store::{Store, StoreError};
 
+/// Logs queued for the writer at most; past it the agent's command waits a poll.
+pub const MAILBOX_CAPACITY: usize = 4_096;
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RecordLog(pub TaskLog);
@@ -34,6 +37,10 @@ pub struct TaskLogWriter {
     written: LruCache<TaskLogKey, ()>,
     /// Pending logs held at most while the store is down; older ones are dropped, counted.
     max_pending: usize,
+    /// A write is in flight; the next one waits for it, so writes never overlap.
+    writing: bool,
+    /// `FlushLogs` callers that asked during a write: answered by the write after it.
+    flush_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
 
 impl TaskLogWriter {
@@ -50,16 +57,25 @@ impl TaskLogWriter {
             pending_keys: HashSet::new(),
             written: LruCache::new(capacity),
             max_pending: dedup_capacity.max(1),
+            writing: false,
+            flush_waiters: Vec::new(),
         }
     }
 
-    /// Writes the pending logs; the actor takes no messages until the write ends, so
-    /// writes never overlap.
+    /// Writes the pending logs in the background: the actor keeps taking logs while the
+    /// store works (or hangs, until `store.timeout_ms`), so agents polling for commands
+    /// never wait on it. One write at a time.
     fn flush(
         &mut self,
         ctx: &mut Context<Self>,
         reply_opt: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     ) {
+        if self.writing {
+            if let Some(reply) = reply_opt {
+                self.flush_waiters.push(reply);
+            }
+            return;
+        }
         if self.pending.is_empty() {
             if let Some(reply) = reply_opt {
                 let _ = reply.send(Ok(()));
@@ -72,7 +88,9 @@ impl TaskLogWriter {
             let result = store.insert_task_logs(&logs).await;
             (logs, result)
         };
-        ctx.wait(write.into_actor(self).map(move |(logs, result), writer, _ctx| {
+        self.writing = true;
+        ctx.spawn(write.into_actor(self).map(move |(logs, result), writer, ctx| {
+            writer.writing = false;
             match &result {
                 Ok(()) => {
                     for log in logs {
@@ -93,6 +111,10 @@ impl TaskLogWriter {
             }
             if let Some(reply) = reply_opt {
                 let _ = reply.send(result);
+            }
+            // Callers that asked during this write get a write of their own.
+            for waiter in std::mem::take(&mut writer.flush_waiters) {
+                writer.flush(ctx, Some(waiter));
             }
         }));
     }
@@ -117,6 +139,8 @@ impl Actor for TaskLogWriter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // Agents hand logs over with try_send; a burst of polls must fit.
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         ctx.run_interval(self.flush_interval, |writer, ctx| writer.flush(ctx, None));
     }
 }

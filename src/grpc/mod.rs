@@ -115,12 +115,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let limit = config.grpc.max_message_bytes;
-    let profile = profile::ProfileService::new(
-        handles.clone(),
-        in_flight.clone(),
-        config.grpc.max_stack_depth,
-        config.pipeline.stream_chunk_snapshots,
-    );
+    let profile = profile::ProfileService::new(handles.clone(), in_flight.clone(), config);
     let mut builder = Server::builder().max_concurrent_streams(config.grpc.max_concurrent_streams);
     if let (Some(cert_path), Some(key_path)) =
         (&config.grpc.tls_cert_path, &config.grpc.tls_key_path)

@@ -3,15 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{status, InFlight};
 use crate::actors::shard::{shard_for, Ingest};
-use crate::actors::task_by_id::GetTask;
+use crate::actors::task_by_id::{GetTask, LookUpTask, PeekTask, Peeked};
 use crate::actors::task_cache::GetServiceTasks;
 use crate::actors::task_log::RecordLog;
+use crate::config::Config;
 use crate::metrics;
 use crate::model::{now_ms, Operation, SnapshotRecord, Task, TaskLog};
 use crate::pipeline::Handles;
@@ -37,15 +40,74 @@ pub struct ProfileService {
     /// Handles resolved once: a `counter!` lookup per snapshot shows on the hot path.
     snapshots_received: ::metrics::Counter,
     snapshots_unknown_task: ::metrics::Counter,
+    limits: Arc<StreamLimits>,
+}
+
+/// Task ids a stream remembers as known or not; more are asked again each time.
+const KNOWN_TASKS_PER_STREAM: usize = 1_024;
+
+/// What all snapshot streams share: the global stream and byte limits, and the rate of
+/// store reads for unknown task ids.
+pub struct StreamLimits {
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+    bytes_wait: Duration,
+    lookups: RateLimit,
+}
+
+impl StreamLimits {
+    pub fn from_config(config: &Config) -> StreamLimits {
+        let max_bytes = config
+            .grpc
+            .max_snapshot_bytes_in_flight
+            .min(u32::MAX as usize)
+            .min(Semaphore::MAX_PERMITS);
+        StreamLimits {
+            streams: Arc::new(Semaphore::new(config.grpc.max_snapshot_streams)),
+            max_streams: config.grpc.max_snapshot_streams,
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_bytes,
+            bytes_wait: Duration::from_millis(config.grpc.snapshot_bytes_wait_ms),
+            lookups: RateLimit::per_second(config.tasks.unknown_lookups_per_second),
+        }
+    }
+}
+
+/// At most N events per wall-clock second.
+struct RateLimit {
+    per_second: u32,
+    /// (second, events in it)
+    window: std::sync::Mutex<(u64, u32)>,
+}
+
+impl RateLimit {
+    fn per_second(per_second: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            window: std::sync::Mutex::new((0, 0)),
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        let second = (now_ms() / 1000) as u64;
+        let mut window = self.window.lock().expect("rate limit lock not poisoned");
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        if window.1 >= self.per_second {
+            return false;
+        }
+        window.1 += 1;
+        true
+    }
 }
 
 impl ProfileService {
-    pub fn new(
-        handles: Handles,
-        in_flight: Arc<InFlight>,
-        max_stack_depth: usize,
-        chunk_snapshots: usize,
-    ) -> ProfileService {
+    pub fn new(handles: Handles, in_flight: Arc<InFlight>, config: &Config) -> ProfileService {
+        let max_stack_depth = config.grpc.max_stack_depth;
+        let chunk_snapshots = config.pipeline.stream_chunk_snapshots;
         let mailbox_depth = (0..handles.shards.len())
             .map(|shard| ::metrics::gauge!(metrics::SHARD_MAILBOX_DEPTH, "shard" => shard.to_string()))
             .collect();
@@ -57,6 +119,7 @@ impl ProfileService {
             in_flight,
             max_stack_depth,
             chunk_snapshots,
+            limits: Arc::new(StreamLimits::from_config(config)),
         }
     }
 }
@@ -155,27 +218,46 @@ impl ProfileService {
             .iter()
             .filter(|task| task.create_time > query.last_command_time)
         {
+            // The NOTIFIED log is handed off without waiting: the writer takes it at once
+            // or its mailbox is full. Full, the command is held back to the agent's next
+            // poll (its lastCommandTime stays older than the task), so no task reaches an
+            // agent without its log; NOTIFIED is idempotent.
+            let log = TaskLog::new(task, &query.service_instance, Operation::Notified, now);
+            if self.handles.task_log.try_send(RecordLog(log)).is_err() {
+                ::metrics::counter!(metrics::TASKS_NOTIFY_DEFERRED).increment(1);
+                continue;
+            }
             commands.push(task_command(task));
             ::metrics::counter!(metrics::TASKS_NOTIFIED).increment(1);
-            let log = TaskLog::new(task, &query.service_instance, Operation::Notified, now);
-            self.handles
-                .task_log
-                .send(RecordLog(log))
-                .await
-                .map_err(|error| status::from_mailbox(&error))?;
         }
         Ok(Commands { commands })
     }
 
     async fn collect(&self, stream: Streaming<ThreadSnapshot>) -> Result<Commands, Status> {
         let _call = self.in_flight.enter();
+        let Ok(_stream_permit) = self.limits.streams.clone().try_acquire_owned() else {
+            ::metrics::counter!(metrics::STREAMS_REFUSED, "reason" => "streams").increment(1);
+            ::metrics::counter!(metrics::STREAMS_FAILED, "code" => "resource_exhausted")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "too many snapshot streams open at once (grpc.max_snapshot_streams = {}); \
+                 send this batch again later",
+                self.limits.max_streams
+            )));
+        };
         let _gauge = StreamGauge::open();
         let shards = self.handles.shards.clone();
         let mut by_shard: Vec<Vec<SnapshotRecord>> = vec![Vec::new(); shards.len()];
         let mut receipts = Vec::new();
-        // Whether each task id of this stream is known; asked once per task per stream.
+        // Room under `grpc.max_snapshot_bytes_in_flight`, held until the stream's
+        // snapshots are acknowledged.
+        let mut byte_permits = Vec::new();
+        // Whether each task id of this stream is known; asked once per task per stream
+        // (for at most `KNOWN_TASKS_PER_STREAM` ids, so random ids cannot grow it).
         let mut known_tasks: HashMap<String, bool> = HashMap::new();
         let mut stream_error: Option<Status> = None;
+        // Why snapshots decoded but not handed over were dropped, if the read stops early.
+        let mut leftover_reason = "stream_broken";
         // Agents send a segment's snapshots together: the index is told once per run.
         let mut last_segment: Option<String> = None;
         let mut chunks = stream.ready_chunks(self.chunk_snapshots);
@@ -216,6 +298,31 @@ impl ProfileService {
                 }
                 let records = std::mem::take(records);
                 let count = records.len();
+                let bytes = records
+                    .iter()
+                    .map(SnapshotRecord::approximate_bytes)
+                    .sum::<usize>()
+                    .clamp(1, self.limits.max_bytes) as u32;
+                let room = tokio::time::timeout(
+                    self.limits.bytes_wait,
+                    self.limits.bytes.clone().acquire_many_owned(bytes),
+                )
+                .await;
+                match room {
+                    Ok(Ok(permit)) => byte_permits.push(permit),
+                    _ => {
+                        metrics::snapshots_refused("overloaded", count);
+                        ::metrics::counter!(metrics::STREAMS_REFUSED, "reason" => "bytes")
+                            .increment(1);
+                        leftover_reason = "overloaded";
+                        stream_error.get_or_insert(Status::resource_exhausted(format!(
+                            "too many snapshot bytes waiting for the store \
+                             (grpc.max_snapshot_bytes_in_flight = {}); send the rest later",
+                            self.limits.max_bytes
+                        )));
+                        break 'read;
+                    }
+                }
                 // Counts the message from the send until the shard took it: queued in
                 // the mailbox or waiting for room there.
                 self.mailbox_depth[shard].increment(1.0);
@@ -225,11 +332,18 @@ impl ProfileService {
                     Ok(receipt) => receipts.push(receipt),
                     Err(error) => {
                         metrics::snapshots_refused("shutting_down", count);
+                        leftover_reason = "shutting_down";
                         stream_error.get_or_insert(status::from_mailbox(&error));
                         break 'read;
                     }
                 }
             }
+        }
+        // Snapshots decoded but not handed over (the stream broke mid-read, or the read
+        // stopped) are counted, so that received = committed + rejected + refused.
+        let leftover: usize = by_shard.iter().map(Vec::len).sum();
+        if leftover > 0 {
+            metrics::snapshots_refused(leftover_reason, leftover);
         }
         // Every handed-over snapshot is committed (or failed) before the stream is
         // answered, also when the stream itself broke.
@@ -246,6 +360,7 @@ impl ProfileService {
                 commit_error.get_or_insert(status::from_sink(&error));
             }
         }
+        drop(byte_permits);
         if let Some(error) = stream_error.or(commit_error) {
             ::metrics::counter!(metrics::STREAMS_FAILED, "code" => code_label(error.code()))
                 .increment(1);
@@ -254,20 +369,43 @@ impl ProfileService {
         Ok(Commands::default())
     }
 
+    /// Whether this replica knows the task, from memory only: the by-id cache answers
+    /// from memory, so a stream never waits on the store for it. An id no cache knows
+    /// counts as unknown now and is looked up in the background (filling the cache or
+    /// its short negative cache), at most `tasks.unknown_lookups_per_second`.
     async fn is_known_task(&self, task_id: &str, known_tasks: &mut HashMap<String, bool>) -> bool {
         if let Some(known) = known_tasks.get(task_id) {
             return *known;
         }
-        let known = matches!(
-            self.handles
-                .by_id
-                .send(GetTask {
-                    id: task_id.to_string()
-                })
-                .await,
-            Ok(Ok(Some(_)))
-        );
-        known_tasks.insert(task_id.to_string(), known);
+        let peeked = self
+            .handles
+            .by_id
+            .send(PeekTask {
+                id: task_id.to_string(),
+            })
+            .await
+            .unwrap_or(Peeked::NotCached);
+        let known = match peeked {
+            Peeked::Known => true,
+            Peeked::Missing => false,
+            Peeked::NotCached => {
+                let looked_up = self.limits.lookups.try_take()
+                    && self
+                        .handles
+                        .by_id
+                        .try_send(LookUpTask {
+                            id: task_id.to_string(),
+                        })
+                        .is_ok();
+                if !looked_up {
+                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => "skipped").increment(1);
+                }
+                false
+            }
+        };
+        if known_tasks.len() < KNOWN_TASKS_PER_STREAM {
+            known_tasks.insert(task_id.to_string(), known);
+        }
         known
     }
 

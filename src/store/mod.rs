@@ -3,6 +3,7 @@
 
 pub mod clickhouse;
 pub mod sqlite;
+pub mod timeout;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;

@@ -779,3 +779,176 @@ pub fn make_certificates(dir: &std::path::Path) {
         "cert.pem",
     ]);
 }
+
+/// Creates a topic of the given name (the broker does not create topics by itself).
+pub async fn create_topic(name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("kafka admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .expect("kafka reachable");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+/// Produces raw messages (key, value; `None` value = a tombstone) and answers where each
+/// landed: (partition, offset).
+pub async fn produce_raw(topic: &str, messages: &[(&[u8], Option<Vec<u8>>)]) -> Vec<(i32, i64)> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("kafka producer");
+    let mut placed = Vec::new();
+    for (key, value_opt) in messages {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(value) = value_opt {
+            record = record.payload(value.as_slice());
+        }
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(error, _)| panic!("produce to {topic}: {error}"));
+        placed.push((delivery.partition, delivery.offset));
+    }
+    placed
+}
+
+/// One message read back as bytes, with its headers.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub key_opt: Option<Vec<u8>>,
+    pub value_opt: Option<Vec<u8>>,
+    pub headers: std::collections::HashMap<String, String>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Every message now in the topic, as bytes (up to each partition's end offset).
+pub fn read_topic_raw(topic: &str) -> Vec<RawMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set(
+            "group.id",
+            format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer");
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = std::collections::HashMap::new();
+    for (partition, low, high) in watermarks(&consumer, topic) {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
+        remaining += high - low;
+        ends.insert(partition, high);
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut messages = Vec::new();
+    let started = Instant::now();
+    while (messages.len() as i64) < remaining {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "topic {topic} not read in time"
+        );
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.expect("kafka message");
+        if message.offset() >= ends[&message.partition()] {
+            continue;
+        }
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        let value = header.value.unwrap_or_default();
+                        (
+                            header.key.to_string(),
+                            String::from_utf8_lossy(value).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        messages.push(RawMessage {
+            key_opt: message.key().map(<[u8]>::to_vec),
+            value_opt: message.payload().map(<[u8]>::to_vec),
+            headers,
+            partition: message.partition(),
+            offset: message.offset(),
+        });
+    }
+    messages
+}
+
+/// (partition, low, high) of each partition of the topic.
+fn watermarks(consumer: &impl rdkafka::consumer::Consumer, topic: &str) -> Vec<(i32, i64, i64)> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            (partition.id(), low, high)
+        })
+        .collect()
+}
+
+/// Per partition of the topic: the group's committed offset (`None` before any commit)
+/// and the partition's end offset.
+pub fn committed_and_end_offsets(
+    group: &str,
+    topic: &str,
+) -> std::collections::BTreeMap<i32, (Option<i64>, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer");
+    let ends = watermarks(&consumer, topic);
+    let mut partitions = TopicPartitionList::new();
+    for (partition, _, _) in &ends {
+        partitions.add_partition(topic, *partition);
+    }
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    ends.into_iter()
+        .map(|(partition, _, high)| {
+            let offset =
+                committed
+                    .find_partition(topic, partition)
+                    .and_then(|element| match element.offset() {
+                        Offset::Offset(offset) => Some(offset),
+                        _ => None,
+                    });
+            (partition, (offset, high))
+        })
+        .collect()
+}

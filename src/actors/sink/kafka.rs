@@ -66,20 +66,25 @@ fn sink_error(error: &KafkaError) -> SinkError {
     }
 }
 
+/// The producer of the sink and of `skysnap consume`'s dead-letter topic: idempotent,
+/// `acks=all`, partitioned by key like the agents' own reporter.
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    client_config(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // The Java agent's Kafka reporter partitions with murmur2 as well.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", config.linger_ms.to_string())
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", config.message_timeout_ms.to_string())
+        .create()
+}
+
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<KafkaSink, KafkaError> {
-        let producer: FutureProducer = client_config(config)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // The Java agent's Kafka reporter partitions with murmur2 as well.
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", config.linger_ms.to_string())
-            .set("batch.num.messages", "10000")
-            .set("compression.type", "lz4")
-            .set("message.timeout.ms", config.message_timeout_ms.to_string())
-            .create()?;
         Ok(KafkaSink {
-            producer,
+            producer: producer(config)?,
             topic: config.topic.clone(),
         })
     }

@@ -18,6 +18,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Total time from the first attempt after which no new attempt starts.
     pub budget: Duration,
+    /// Longest one attempt may take; a hung sink costs this, not forever.
+    pub attempt_timeout: Duration,
 }
 
 impl RetryPolicy {
@@ -27,6 +29,7 @@ impl RetryPolicy {
             initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
             budget: Duration::from_millis(config.retry_budget_ms),
+            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
         }
     }
 
@@ -54,9 +57,17 @@ pub async fn write_with_retry(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let error = match sink.write(batch).await {
-            Ok(()) => return Ok(attempt),
-            Err(error) => error,
+        let error = match tokio::time::timeout(policy.attempt_timeout, sink.write(batch)).await {
+            Ok(Ok(())) => return Ok(attempt),
+            Ok(Err(error)) => error,
+            Err(_) => SinkError {
+                sink: sink.name(),
+                message: format!(
+                    "no answer within {} ms (sink.attempt_timeout_ms)",
+                    policy.attempt_timeout.as_millis()
+                ),
+                retriable: true,
+            },
         };
         metrics::sink_error(sink.name(), error.retriable);
         if !error.retriable || attempt >= policy.max_attempts {
@@ -110,6 +121,7 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(400),
             budget: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
         }
     }
 
@@ -173,5 +185,45 @@ mod tests {
         assert!(write_with_retry(&sink, &[], &tight).await.is_err());
         assert!(started.elapsed() <= Duration::from_millis(500));
         assert!(sink.calls.load(Ordering::SeqCst) >= 2);
+    }
+
+    /// Never answers, like a store that took the connection and hung.
+    struct HungSink;
+
+    #[async_trait]
+    impl SnapshotSink for HungSink {
+        fn name(&self) -> &'static str {
+            "hung"
+        }
+
+        async fn write(&self, _batch: &[SnapshotRecord]) -> Result<(), SinkError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_retry_bounds_a_hung_sink_in_time() {
+        let bounded = RetryPolicy {
+            max_attempts: 100,
+            budget: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(1),
+            ..policy()
+        };
+        let started = tokio::time::Instant::now();
+        let error = write_with_retry(&HungSink, &[], &bounded)
+            .await
+            .unwrap_err();
+        assert!(error.retriable);
+        assert!(
+            error.message.contains("sink.attempt_timeout_ms"),
+            "{}",
+            error.message
+        );
+        // No new attempt after the budget; the last one ends within its own limit.
+        assert!(
+            started.elapsed() <= Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

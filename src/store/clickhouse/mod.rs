@@ -377,6 +377,11 @@ fn is_retriable_response(message: &str) -> bool {
         // No ClickHouse error code: a proxy or the HTTP layer failed (e.g. 502/503).
         return true;
     };
+    // TOO_MANY_PARTS (252) also names a batch whose rows span more partitions than one
+    // insert may touch: the same batch fails again however long one waits.
+    if message.contains("Too many partitions for single INSERT block") {
+        return false;
+    }
     RETRIABLE_CODES.contains(&code)
 }
 
@@ -856,5 +861,11 @@ mod tests {
             "Code: 60. DB::Exception: Table skysnap.x doesn't exist"
         ));
         assert!(is_retriable_response("502 Bad Gateway"));
+        assert!(is_retriable_response(
+            "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts."
+        ));
+        assert!(!is_retriable_response(
+            "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."
+        ));
     }
 }

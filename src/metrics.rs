@@ -50,6 +50,7 @@ pub const SEGMENTS_KEPT: &str = "skysnap_profiled_segments_kept_total";
 pub const SEGMENTS_SKIPPED: &str = "skysnap_profiled_segments_skipped_total";
 pub const TASK_LOOKUPS: &str = "skysnap_task_lookups_total";
 pub const STREAMS_REFUSED: &str = "skysnap_grpc_streams_refused_total";
+pub const ACTOR_PANICS: &str = "skysnap_actor_panics_total";
 pub const STORE_TIMEOUTS: &str = "skysnap_store_timeouts_total";
 pub const RETENTION_ROWS_REMOVED: &str = "skysnap_retention_rows_removed_total";
 
@@ -187,6 +188,7 @@ fn register_zeros() {
         counter!(TASK_LOGS_WRITTEN, "operation" => operation).absolute(0);
     }
     gauge!(STREAMS_ACTIVE).set(0.0);
+    counter!(ACTOR_PANICS, "actor" => "shard").absolute(0);
     for reason in ["streams", "bytes"] {
         counter!(STREAMS_REFUSED, "reason" => reason).absolute(0);
     }
@@ -359,6 +361,11 @@ fn describe() {
         STREAMS_REFUSED,
         Unit::Count,
         "collectSnapshot streams refused RESOURCE_EXHAUSTED, by limit (streams, bytes)"
+    );
+    describe_counter!(
+        ACTOR_PANICS,
+        Unit::Count,
+        "Panics caught in an actor (its batch failed back UNAVAILABLE, the actor went on), by actor"
     );
     describe_counter!(
         STORE_TIMEOUTS,

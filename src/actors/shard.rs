@@ -156,14 +156,41 @@ impl SnapshotShard {
     }
 }
 
-/// Commits one closed batch and answers its waiters; the permit frees the slot.
+/// The text of a caught panic, for the one log line it gets.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// What a panic leaves for the streams that waited: UNAVAILABLE, so agents send again.
+fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> SinkError {
+    let message = panic_message(payload);
+    tracing::error!(panic = %message, "{what} panicked; its streams get UNAVAILABLE");
+    ::metrics::counter!(metrics::ACTOR_PANICS, "actor" => "shard").increment(1);
+    SinkError {
+        sink: "shard",
+        message: format!("{what} failed unexpectedly: {message}"),
+        retriable: true,
+    }
+}
+
+/// Commits one closed batch and answers its waiters; the permit frees the slot. A
+/// panic inside a sink is caught here: the batch's streams get UNAVAILABLE (never an
+/// acknowledgement) and the shard goes on with its next batch.
 async fn commit_batch(
     batch: Batch,
     sinks: Arc<[Arc<dyn SnapshotSink>]>,
     retry: RetryPolicy,
     _permit: OwnedSemaphorePermit,
 ) {
-    let result = commit_to_sinks(&sinks, &batch.records, &retry).await;
+    let commit = std::panic::AssertUnwindSafe(commit_to_sinks(&sinks, &batch.records, &retry));
+    let result = match futures::FutureExt::catch_unwind(commit).await {
+        Ok(result) => result,
+        Err(payload) => Err(panicked("a batch commit", payload.as_ref())),
+    };
     let count = batch.records.len();
     match &result {
         Ok(()) => {
@@ -204,11 +231,55 @@ impl Actor for SnapshotShard {
 impl Handler<Ingest> for SnapshotShard {
     type Result = MessageResult<Ingest>;
 
+    /// A panic while batching would end the actor, and with it every later stream of
+    /// its hash range. It is caught: the open batch (this message's snapshots included)
+    /// is failed back with UNAVAILABLE and the shard starts over with an empty batch.
     fn handle(&mut self, message: Ingest, ctx: &mut Self::Context) -> Self::Result {
         let (sender, receipt) = oneshot::channel();
+        let batched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.batch_records(message, sender, ctx)
+        }));
+        if let Err(payload) = batched {
+            let error = panicked("batching", payload.as_ref());
+            let next_id = self.batch.id + 1;
+            let lost = std::mem::replace(
+                &mut self.batch,
+                Batch {
+                    id: next_id,
+                    ..Batch::default()
+                },
+            );
+            self.batch_gauge.set(0.0);
+            metrics::snapshots_refused("sink_unavailable", lost.records.len());
+            for waiter in lost.waiters {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        MessageResult(receipt)
+    }
+}
+
+impl SnapshotShard {
+    fn batch_records(
+        &mut self,
+        message: Ingest,
+        sender: oneshot::Sender<Result<(), SinkError>>,
+        ctx: &mut Context<Self>,
+    ) {
+        #[cfg(test)]
+        if message
+            .records
+            .iter()
+            .any(|record| record.task_id == TEST_PANIC_TASK_ID)
+        {
+            // Test-only hook: the sender is moved into the batch first, as a real
+            // panic midway would leave it.
+            self.batch.waiters.push(sender);
+            panic!("test hook: panic while batching");
+        }
         if message.records.is_empty() {
             let _ = sender.send(Ok(()));
-            return MessageResult(receipt);
+            return;
         }
         if self.batch.records.is_empty() {
             let batch_id = self.batch.id;
@@ -229,9 +300,12 @@ impl Handler<Ingest> for SnapshotShard {
         } else if self.batch.bytes >= self.limits.max_bytes {
             self.close_batch(CloseReason::Bytes, ctx);
         }
-        MessageResult(receipt)
     }
 }
+
+/// Snapshots of this task id make a test build's shard panic while batching.
+#[cfg(test)]
+pub const TEST_PANIC_TASK_ID: &str = "skysnap-test-panic";
 
 impl Handler<Flush> for SnapshotShard {
     type Result = ResponseFuture<Result<(), SinkError>>;
@@ -285,6 +359,8 @@ mod tests {
     struct RecordingSink {
         batches: Mutex<Vec<usize>>,
         failing: std::sync::atomic::AtomicBool,
+        /// Panics on the next write (once), like a bug inside a sink.
+        panic_once: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -294,6 +370,12 @@ mod tests {
         }
 
         async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError> {
+            if self
+                .panic_once
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("sink bug");
+            }
             if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(SinkError {
                     sink: "recording",
@@ -533,5 +615,77 @@ mod tests {
                 .map(|n| shard_for("a", &format!("bc{n}"), 1024))
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[actix::test]
+    async fn test_shard_panic_in_a_sink_fails_the_batch_and_the_shard_goes_on() {
+        let sink = Arc::new(RecordingSink::default());
+        sink.panic_once
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let shard = start(sink.clone(), limits(2, usize::MAX, 60_000));
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(0), record(1)],
+            })
+            .await
+            .unwrap();
+        let error = receipt.await.unwrap().unwrap_err();
+        assert!(error.retriable, "{error:?}");
+        assert!(error.message.contains("sink bug"), "{}", error.message);
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(2), record(3)],
+            })
+            .await
+            .unwrap();
+        receipt.await.unwrap().expect("the next batch commits");
+        assert_eq!(*sink.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[actix::test]
+    async fn test_shard_panic_while_batching_fails_the_open_batch_and_the_shard_goes_on() {
+        let sink = Arc::new(RecordingSink::default());
+        let shard = start(sink.clone(), limits(100, usize::MAX, 60_000));
+        let waiting = shard
+            .send(Ingest {
+                records: vec![record(0)],
+            })
+            .await
+            .unwrap();
+        let poisoned = SnapshotRecord {
+            task_id: TEST_PANIC_TASK_ID.into(),
+            ..record(1)
+        };
+        let failed = shard
+            .send(Ingest {
+                records: vec![poisoned],
+            })
+            .await
+            .expect("the shard answers after the panic");
+        // Both the stream already waiting in the batch and the one that hit the panic
+        // are failed back, never acknowledged.
+        for receipt in [waiting, failed] {
+            let error = receipt.await.unwrap().unwrap_err();
+            assert!(
+                error.message.contains("batching failed unexpectedly"),
+                "{}",
+                error.message
+            );
+        }
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(2)],
+            })
+            .await
+            .unwrap();
+        shard
+            .send(Flush {
+                reason: CloseReason::Drain,
+            })
+            .await
+            .unwrap()
+            .expect("flush after the panic");
+        receipt.await.unwrap().expect("the next stream commits");
+        assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
     }
 }

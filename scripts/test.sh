@@ -6,8 +6,9 @@
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
 # (apache-skywalking==1.2.0), the browser test of the profiling page (Debian's chromium
-# driven by Playwright's Python client), and the offline Helm chart checks (helm built with
-# `go install`, kubernetes-validate). Stops the servers it started.
+# driven by Playwright's Python client), the offline Helm chart checks (helm built with
+# `go install`, kubernetes-validate), and a short coverage-guided fuzzing run of each fuzz
+# target (cargo-afl, AFL++). Stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -87,5 +88,10 @@ if ! "$browser_venv/bin/python" -c 'import skywalking.protocol.profile.Profile_p
   "$browser_venv/bin/pip" install --quiet --disable-pip-version-check 'apache-skywalking==1.2.0' 'pytest>=7' playwright
 fi
 SKYSNAP_BIN="$PWD/target/debug/skysnap" "$browser_venv/bin/python" -m pytest -p no:cacheprovider tests/browser -v
+
+step "fuzzing: 45 s of AFL++ on each fuzz target, two at a time (scripts/fuzz.sh, fuzz/README.md)"
+# Installs cargo-afl (crates.io, builds its bundled AFL++) when missing and builds the
+# targets instrumented in fuzz/target/afl/: about 7 minutes on a fresh machine, 2 after.
+scripts/fuzz.sh 45
 
 step "all tests passed"

@@ -43,6 +43,9 @@ pub struct ProfileService {
     limits: Arc<StreamLimits>,
 }
 
+/// The last millisecond of 9999-12-31 UTC.
+const MAX_DUMP_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Task ids a stream remembers as known or not; more are asked again each time.
 const KNOWN_TASKS_PER_STREAM: usize = 1_024;
 
@@ -163,7 +166,9 @@ pub fn to_record(
     if snapshot.sequence < 0 {
         return Err("negative_sequence");
     }
-    if snapshot.time <= 0 {
+    // Past 9999-12-31 a time bucket is no longer yyyyMMddHHmmss (partitions and
+    // retention count on it); found by fuzzing.
+    if snapshot.time <= 0 || snapshot.time > MAX_DUMP_TIME_MS {
         return Err("invalid_time");
     }
     let stack = snapshot

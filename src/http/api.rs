@@ -216,3 +216,14 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".to_string())
 }
+
+/// A known path with a method it does not serve (found by fuzzing: axum's own answer
+/// had no body).
+pub async fn method_not_allowed() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({"error": "method not allowed on this path"})),
+    )
+        .into_response()
+}

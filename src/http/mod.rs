@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{id}/flamegraph", get(analysis::task_flamegraph))
         .route("/flamegraph/diff", get(analysis::flamegraph_diff))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_admin_token,
@@ -61,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(page::index))
         .route("/assets/{*path}", get(page::asset))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)
 }
 

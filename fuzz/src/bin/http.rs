@@ -1,0 +1,8 @@
+//! AFL++ target `http`: `scripts/fuzz.sh <seconds> http` (see fuzz/README.md).
+//! Outside afl-fuzz it reads one input from stdin, which replays a crash.
+
+fn main() {
+    // `fuzz!` installs a panic hook that aborts, so a panic on any thread is a crash.
+    afl::fuzz!(|data: &[u8]| skysnap_fuzz::http::http(data));
+    skysnap_fuzz::http::drop_harness();
+}

@@ -33,7 +33,10 @@ fn expected_reason(snapshot: &ThreadSnapshot, max_stack_depth: usize) -> Option<
         (snapshot.task_id.is_empty(), "empty_task_id"),
         (snapshot.trace_segment_id.is_empty(), "empty_segment_id"),
         (snapshot.sequence < 0, "negative_sequence"),
-        (snapshot.time <= 0, "invalid_time"),
+        (
+            snapshot.time <= 0 || snapshot.time > LAST_FOUR_DIGIT_YEAR_MS,
+            "invalid_time",
+        ),
         (depth > max_stack_depth, "stack_too_deep"),
     ]
     .into_iter()

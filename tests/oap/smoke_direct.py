@@ -192,7 +192,9 @@ def test_agent_data_reaches_oap(tmp_path):
                             'meter meter_instance_pvm_thread_active_count')
         seen(f'meter_instance_pvm_thread_active_count values {vals}')
         assert max(vals) >= 1
-        cpu = oap.metric_values(OAP_BASE, 'meter_instance_pvm_total_cpu_utilization', service, instance=instance)
+        # Each meter reaches storage on its own persist cycle: wait for this one too.
+        cpu = oap.wait_for(lambda: oap.metric_values(OAP_BASE, 'meter_instance_pvm_total_cpu_utilization',
+                                                     service, instance=instance), 60, 'CPU meter values')
         seen(f'meter_instance_pvm_total_cpu_utilization values {cpu}')
         assert cpu
 

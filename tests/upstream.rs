@@ -167,13 +167,17 @@ fn framed(message: &[u8]) -> Vec<u8> {
     frame
 }
 
-async fn grpc(server: &Server) -> tonic::client::Grpc<Channel> {
-    let channel = Channel::from_shared(server.grpc.clone())
+/// One agent connection to skysnap's gRPC port.
+async fn connect(server: &Server) -> Channel {
+    Channel::from_shared(server.grpc.clone())
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    tonic::client::Grpc::new(channel)
+        .unwrap()
+}
+
+async fn grpc(server: &Server) -> tonic::client::Grpc<Channel> {
+    tonic::client::Grpc::new(connect(server).await)
 }
 
 fn ping() -> InstancePingPkg {
@@ -286,11 +290,7 @@ async fn test_upstream_many_calls_share_one_connection() {
     let upstream = FakeUpstream::start(Behaviour::Echo).await;
     let address = upstream.address.to_string();
     let mut server = Server::start(&[("SKYSNAP_UPSTREAM_ADDRESSES", address.as_str())]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     let mut client =
         skysnap::proto::v3::trace_segment_report_service_client::TraceSegmentReportServiceClient::new(
             channel,
@@ -317,11 +317,7 @@ async fn test_upstream_management_recorded_and_forwarded_with_upstream_token() {
         ("SKYSNAP_UPSTREAM_TOKEN", "oap-secret"),
         ("SKYSNAP_AUTH_AGENT_TOKEN", "agent-secret"),
     ]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     let mut client = ManagementServiceClient::new(channel);
     let mut request = tonic::Request::new(ping());
     request
@@ -354,11 +350,7 @@ async fn test_upstream_down_fails_fast_and_profiling_goes_on() {
         ("SKYSNAP_UPSTREAM_ADDRESSES", address.as_str()),
         ("SKYSNAP_UPSTREAM_CONNECT_TIMEOUT_MS", "500"),
     ]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     let mut management = ManagementServiceClient::new(channel.clone());
     for _ in 0..3 {
         let started = Instant::now();
@@ -407,11 +399,7 @@ async fn test_upstream_stalled_is_bounded_and_takes_no_profiling_capacity() {
         ("SKYSNAP_UPSTREAM_MAX_CONCURRENT_CALLS", "8"),
         ("SKYSNAP_GRPC_MAX_CONCURRENT_STREAMS", "16"),
     ]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     // 40 forwarded calls at once on one agent connection whose stream limit is 16.
     let started = Instant::now();
     let calls: Vec<_> = (0..40)
@@ -496,11 +484,7 @@ async fn test_upstream_round_robin_and_failover() {
         ("SKYSNAP_UPSTREAM_ADDRESSES", addresses.as_str()),
         ("SKYSNAP_UPSTREAM_RETRY_BACKOFF_MS", "200"),
     ]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     let mut client = ManagementServiceClient::new(channel);
     for _ in 0..20 {
         client.keep_alive(ping()).await.expect("forwarded");
@@ -560,11 +544,7 @@ async fn test_upstream_over_tls() {
         ("SKYSNAP_UPSTREAM_TLS", "true"),
         ("SKYSNAP_UPSTREAM_TLS_CA_PATH", ca.to_str().unwrap()),
     ]);
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&server).await;
     let reply: tonic::Response<Commands> = ManagementServiceClient::new(channel)
         .keep_alive(ping())
         .await

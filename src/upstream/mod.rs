@@ -102,10 +102,10 @@ impl Passthrough {
         };
         if let Some(pool) = &pool_opt {
             for upstream in pool.upstreams() {
-                for direction in ["sent", "received"] {
-                    metrics::counter!(UPSTREAM_BYTES, "direction" => direction).absolute(0);
-                }
                 tracing::info!(upstream = %upstream.address, "forwarding agent calls skysnap does not own");
+            }
+            for direction in ["sent", "received"] {
+                metrics::counter!(UPSTREAM_BYTES, "direction" => direction).absolute(0);
             }
             for reason in ["no_upstream_up", "too_many_calls"] {
                 metrics::counter!(UPSTREAM_REFUSED, "reason" => reason).absolute(0);

@@ -86,7 +86,7 @@ impl Pipeline {
         let tasks = config.tasks.clone();
         let cache_store = store.clone();
         let cache_segments = segments.clone();
-        let task_cache = TaskCacheActor::start_in_arbiter(&control.handle(), move |_ctx| {
+        let task_cache = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskCacheActor::new(
                 cache_store,
                 Duration::from_millis(tasks.cache_refresh_interval_ms),
@@ -97,12 +97,12 @@ impl Pipeline {
         });
         let by_id_store = store.clone();
         let by_id_size = config.tasks.by_id_cache_size;
-        let by_id = TaskByIdCache::start_in_arbiter(&control.handle(), move |_ctx| {
+        let by_id = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskByIdCache::new(by_id_store, by_id_size)
         });
         let log_store = store.clone();
         let tasks = config.tasks.clone();
-        let task_log = TaskLogWriter::start_in_arbiter(&control.handle(), move |_ctx| {
+        let task_log = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskLogWriter::new(
                 log_store,
                 Duration::from_millis(tasks.log_flush_interval_ms),
@@ -115,7 +115,7 @@ impl Pipeline {
             TaskRegistry::new(registry_store, registry_cache, registry_by_id)
         });
         let instances_config = config.instances.clone();
-        let instances = InstanceRegistry::start_in_arbiter(&control.handle(), move |_ctx| {
+        let instances = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             InstanceRegistry::new(
                 instances_config.live_window_ms,
                 instances_config.max_instances,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 
+use super::supervision::guarded;
 use crate::model::{InstanceInfo, ServiceInstances};
 
 /// A `keepAlive` (no properties) or `reportInstanceProperties` (with them).
@@ -71,10 +72,38 @@ impl Actor for InstanceRegistry {
     }
 }
 
+impl Supervised for InstanceRegistry {
+    /// After a panic the list starts empty; agents' next heartbeats fill it again.
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.instances.clear();
+    }
+}
+
+const ACTOR: &str = "instances";
+
 impl Handler<Heartbeat> for InstanceRegistry {
     type Result = ();
 
-    fn handle(&mut self, message: Heartbeat, _ctx: &mut Self::Context) {
+    fn handle(&mut self, message: Heartbeat, ctx: &mut Self::Context) {
+        guarded(ACTOR, self, ctx, |registry, _ctx| registry.record(message));
+    }
+}
+
+impl Handler<ListServices> for InstanceRegistry {
+    type Result = MessageResult<ListServices>;
+
+    fn handle(&mut self, message: ListServices, ctx: &mut Self::Context) -> Self::Result {
+        let list = guarded(ACTOR, self, ctx, |registry, _ctx| {
+            registry.list(message.now_ms)
+        });
+        MessageResult(list.unwrap_or_default())
+    }
+}
+
+impl InstanceRegistry {
+    fn record(&mut self, message: Heartbeat) {
+        #[cfg(test)]
+        super::supervision::test_hooks::panic_if(&message.instance);
         let key = (message.service, message.instance);
         if !self.instances.contains_key(&key) {
             self.make_room(message.time_ms);
@@ -96,15 +125,11 @@ impl Handler<Heartbeat> for InstanceRegistry {
             info.properties = properties;
         }
     }
-}
 
-impl Handler<ListServices> for InstanceRegistry {
-    type Result = MessageResult<ListServices>;
-
-    fn handle(&mut self, message: ListServices, _ctx: &mut Self::Context) -> Self::Result {
+    fn list(&self, now_ms: i64) -> Vec<ServiceInstances> {
         let mut services: HashMap<String, Vec<InstanceInfo>> = HashMap::new();
         for ((service, _), info) in &self.instances {
-            if message.now_ms.saturating_sub(info.last_seen) <= self.live_window_ms {
+            if now_ms.saturating_sub(info.last_seen) <= self.live_window_ms {
                 services
                     .entry(service.clone())
                     .or_default()
@@ -119,7 +144,7 @@ impl Handler<ListServices> for InstanceRegistry {
             })
             .collect();
         list.sort_by(|a, b| a.service.cmp(&b.service));
-        MessageResult(list)
+        list
     }
 }
 
@@ -149,5 +174,19 @@ mod tests {
         let list = registry.send(ListServices { now_ms: 1_300 }).await.unwrap();
         let names: Vec<_> = list.iter().map(|s| s.service.as_str()).collect();
         assert_eq!(names, ["other", "svc"]);
+    }
+
+    #[actix::test]
+    async fn test_instances_restart_after_panic() {
+        use crate::actors::supervision::test_hooks::PANIC;
+        let registry = Supervisor::start(|_ctx| InstanceRegistry::new(1_000, 10));
+        registry.send(beat("svc", "a", 0)).await.unwrap();
+        // The panicking heartbeat is answered (not a closed mailbox), and the registry
+        // starts over empty rather than dying.
+        registry.send(beat("svc", PANIC, 0)).await.unwrap();
+        registry.send(beat("svc", "b", 10)).await.unwrap();
+        let list = registry.send(ListServices { now_ms: 10 }).await.unwrap();
+        let names: Vec<_> = list[0].instances.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["b"], "restarted with a fresh list");
     }
 }

@@ -5,6 +5,7 @@ pub mod instances;
 pub mod retention;
 pub mod shard;
 pub mod sink;
+pub mod supervision;
 pub mod task_by_id;
 pub mod task_cache;
 pub mod task_log;

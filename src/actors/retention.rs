@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use super::supervision::catch_future;
 use crate::model::now_ms;
 use crate::store::{Store, StoreError};
 
@@ -57,6 +58,15 @@ impl Handler<RunRetention> for RetentionActor {
                 Err(error) => tracing::warn!(%error, "retention pass failed; next pass retries"),
             }
             result
+        };
+        // Holds no state: a panic in a pass is caught, reported and counted, and the
+        // next pass runs as usual.
+        let pass = async move {
+            catch_future("retention", pass).await.unwrap_or_else(|()| {
+                Err(StoreError::Unavailable(
+                    "the retention pass panicked".into(),
+                ))
+            })
         };
         AtomicResponse::new(Box::pin(pass.into_actor(self)))
     }

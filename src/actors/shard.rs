@@ -156,18 +156,9 @@ impl SnapshotShard {
     }
 }
 
-/// The text of a caught panic, for the one log line it gets.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|text| text.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
-}
-
 /// What a panic leaves for the streams that waited: UNAVAILABLE, so agents send again.
 fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> SinkError {
-    let message = panic_message(payload);
+    let message = super::supervision::panic_message(payload);
     tracing::error!(panic = %message, "{what} panicked; its streams get UNAVAILABLE");
     ::metrics::counter!(metrics::ACTOR_PANICS, "actor" => "shard").increment(1);
     SinkError {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use lru::LruCache;
 
+use super::supervision::{answer_then_restart, catch_future, caught, guarded};
 use super::task_cache::TaskCreated;
 use crate::metrics;
 use crate::model::Task;
@@ -68,21 +69,36 @@ impl TaskByIdCache {
     }
 }
 
+const ACTOR: &str = "task_by_id";
+
 impl Actor for TaskByIdCache {
     type Context = Context<Self>;
+}
+
+impl Supervised for TaskByIdCache {
+    /// After a panic the cache starts empty; it fills again from the store.
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.tasks.clear();
+        self.missing.clear();
+    }
 }
 
 impl Handler<PeekTask> for TaskByIdCache {
     type Result = MessageResult<PeekTask>;
 
-    fn handle(&mut self, message: PeekTask, _ctx: &mut Self::Context) -> Self::Result {
-        if self.tasks.get(&message.id).is_some() {
-            return MessageResult(Peeked::Known);
-        }
-        match self.missing.get(&message.id) {
-            Some(at) if at.elapsed() < NEGATIVE_TTL => MessageResult(Peeked::Missing),
-            _ => MessageResult(Peeked::NotCached),
-        }
+    fn handle(&mut self, message: PeekTask, ctx: &mut Self::Context) -> Self::Result {
+        let peeked = guarded(ACTOR, self, ctx, |cache, _ctx| {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.id);
+            if cache.tasks.get(&message.id).is_some() {
+                return Peeked::Known;
+            }
+            match cache.missing.get(&message.id) {
+                Some(at) if at.elapsed() < NEGATIVE_TTL => Peeked::Missing,
+                _ => Peeked::NotCached,
+            }
+        });
+        MessageResult(peeked.unwrap_or(Peeked::NotCached))
     }
 }
 
@@ -93,25 +109,31 @@ impl Handler<LookUpTask> for TaskByIdCache {
         let store = self.store.clone();
         let id = message.id;
         Box::pin(
-            async move {
+            catch_future(ACTOR, async move {
                 let result = store.get_task(&id).await;
                 (id, result)
-            }
+            })
             .into_actor(self)
-            .map(|(id, result), cache, _ctx| {
-                let outcome = match result {
-                    Ok(Some(task)) => {
-                        cache.missing.pop(&id);
-                        cache.tasks.put(id, task);
-                        "found"
-                    }
-                    Ok(None) => {
-                        cache.missing.put(id, std::time::Instant::now());
-                        "missing"
-                    }
-                    Err(_) => "error",
+            .map(|outcome, cache, ctx| {
+                let Ok((id, result)) = outcome else {
+                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => "error").increment(1);
+                    return;
                 };
-                ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => outcome).increment(1);
+                guarded(ACTOR, cache, ctx, |cache, _ctx| {
+                    let outcome = match result {
+                        Ok(Some(task)) => {
+                            cache.missing.pop(&id);
+                            cache.tasks.put(id, task);
+                            "found"
+                        }
+                        Ok(None) => {
+                            cache.missing.put(id, std::time::Instant::now());
+                            "missing"
+                        }
+                        Err(_) => "error",
+                    };
+                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => outcome).increment(1);
+                });
             }),
         )
     }
@@ -121,22 +143,33 @@ impl Handler<GetTask> for TaskByIdCache {
     type Result = ResponseActFuture<Self, Result<Option<Task>, StoreError>>;
 
     fn handle(&mut self, message: GetTask, _ctx: &mut Self::Context) -> Self::Result {
-        if let Some(task) = self.tasks.get(&message.id) {
+        let cached = caught(ACTOR, || {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.id);
+            self.tasks.get(&message.id).cloned()
+        });
+        let Some(cached) = cached else {
+            return answer_then_restart(Err(panicked()));
+        };
+        if let Some(task) = cached {
             metrics::cache_lookup("by_id", true);
-            let task = task.clone();
             return Box::pin(fut::ready(Ok(Some(task))));
         }
         metrics::cache_lookup("by_id", false);
         let store = self.store.clone();
         Box::pin(
-            async move { store.get_task(&message.id).await }
+            catch_future(ACTOR, async move { store.get_task(&message.id).await })
                 .into_actor(self)
-                .map(|result, cache, _ctx| {
-                    if let Ok(Some(task)) = &result {
-                        cache.tasks.put(task.id.clone(), task.clone());
-                        metrics::cache_size("by_id", cache.tasks.len());
+                .map(|outcome, cache, ctx| {
+                    let result = outcome.unwrap_or_else(|()| Err(panicked()))?;
+                    if let Some(task) = &result {
+                        let task = task.clone();
+                        guarded(ACTOR, cache, ctx, |cache, _ctx| {
+                            cache.tasks.put(task.id.clone(), task);
+                            metrics::cache_size("by_id", cache.tasks.len());
+                        });
                     }
-                    result
+                    Ok(result)
                 }),
         )
     }
@@ -145,11 +178,20 @@ impl Handler<GetTask> for TaskByIdCache {
 impl Handler<TaskCreated> for TaskByIdCache {
     type Result = ();
 
-    fn handle(&mut self, message: TaskCreated, _ctx: &mut Self::Context) {
-        self.missing.pop(&message.0.id);
-        self.tasks.put(message.0.id.clone(), message.0);
-        metrics::cache_size("by_id", self.tasks.len());
+    /// After a panic the task is still found: it is in the store, read on a miss.
+    fn handle(&mut self, message: TaskCreated, ctx: &mut Self::Context) {
+        guarded(ACTOR, self, ctx, |cache, _ctx| {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.0.id);
+            cache.missing.pop(&message.0.id);
+            cache.tasks.put(message.0.id.clone(), message.0);
+            metrics::cache_size("by_id", cache.tasks.len());
+        });
     }
+}
+
+fn panicked() -> StoreError {
+    StoreError::Unavailable("the by-id task cache panicked and was restarted".into())
 }
 
 #[cfg(test)]
@@ -197,5 +239,32 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(found.unwrap().id, "b");
+    }
+
+    #[actix::test]
+    async fn test_by_id_cache_restart_after_panic() {
+        use crate::actors::supervision::test_hooks::PANIC;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db"), 1).unwrap());
+        store.insert_task(&task("a")).await.unwrap();
+        let cache_store = store.clone();
+        let cache = Supervisor::start(move |_ctx| TaskByIdCache::new(cache_store, 10));
+        let peeked = cache.send(PeekTask { id: PANIC.into() }).await.unwrap();
+        assert_eq!(peeked, Peeked::NotCached, "the fallback answer");
+        let result = cache.send(GetTask { id: PANIC.into() }).await.unwrap();
+        assert!(
+            result.unwrap_err().is_retriable(),
+            "a panic is a retriable fault"
+        );
+        let found = cache
+            .send(GetTask { id: "a".into() })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.map(|task| task.id).as_deref(), Some("a"));
+        assert_eq!(
+            cache.send(PeekTask { id: "a".into() }).await.unwrap(),
+            Peeked::Known
+        );
     }
 }

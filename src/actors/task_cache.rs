@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::time::Instant;
 
+use super::supervision::{catch_future, guarded};
 use crate::metrics;
 use crate::model::{now_ms, Task};
 use crate::segments::SegmentCapture;
@@ -90,6 +91,11 @@ impl DownstreamCache {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Forgets every entry (a restarted cache starts empty and reloads).
+    pub fn clear(&mut self) {
+        self.entries.clear();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,6 +187,8 @@ impl TaskCacheActor {
     }
 }
 
+const ACTOR: &str = "task_cache";
+
 impl Actor for TaskCacheActor {
     type Context = Context<Self>;
 
@@ -191,22 +199,43 @@ impl Actor for TaskCacheActor {
     }
 }
 
+impl Supervised for TaskCacheActor {
+    /// After a panic the cache starts empty and reloads from the store at once.
+    fn restarting(&mut self, ctx: &mut Self::Context) {
+        self.cache.clear();
+        self.publish();
+        ctx.notify(Refresh);
+    }
+}
+
 impl Handler<GetServiceTasks> for TaskCacheActor {
     type Result = MessageResult<GetServiceTasks>;
 
-    fn handle(&mut self, message: GetServiceTasks, _ctx: &mut Self::Context) -> Self::Result {
-        let tasks = self.cache.get(&message.service, Instant::now(), now_ms());
-        metrics::cache_lookup("downstream", !tasks.is_empty());
-        MessageResult(tasks)
+    /// After a panic the agent gets no command this poll; it polls again.
+    fn handle(&mut self, message: GetServiceTasks, ctx: &mut Self::Context) -> Self::Result {
+        let tasks = guarded(ACTOR, self, ctx, |actor, _ctx| {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.service);
+            let tasks = actor.cache.get(&message.service, Instant::now(), now_ms());
+            metrics::cache_lookup("downstream", !tasks.is_empty());
+            tasks
+        });
+        MessageResult(tasks.unwrap_or_default())
     }
 }
 
 impl Handler<TaskCreated> for TaskCacheActor {
     type Result = ();
 
-    fn handle(&mut self, message: TaskCreated, _ctx: &mut Self::Context) {
-        self.cache.add(message.0, Instant::now());
-        self.publish();
+    /// After a panic the task still reaches the cache: it is in the store, and the
+    /// restarted cache reloads.
+    fn handle(&mut self, message: TaskCreated, ctx: &mut Self::Context) {
+        guarded(ACTOR, self, ctx, |actor, _ctx| {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.0.service);
+            actor.cache.add(message.0, Instant::now());
+            actor.publish();
+        });
     }
 }
 
@@ -216,17 +245,27 @@ impl Handler<Refresh> for TaskCacheActor {
     fn handle(&mut self, _message: Refresh, _ctx: &mut Self::Context) -> Self::Result {
         let store = self.store.clone();
         Box::pin(
-            async move { store.unfinished_tasks(now_ms()).await }
+            catch_future(ACTOR, async move { store.unfinished_tasks(now_ms()).await })
                 .into_actor(self)
-                .map(|result, actor, _ctx| match result {
-                    Ok(tasks) => Ok(actor.apply_refresh(tasks)),
-                    Err(error) => {
-                        tracing::warn!(%error, "task cache refresh failed; serving cached tasks");
-                        Err(error)
+                .map(|outcome, actor, ctx| {
+                    let result = outcome.unwrap_or_else(|()| Err(panicked()));
+                    match result {
+                        Ok(tasks) => guarded(ACTOR, actor, ctx, |actor, _ctx| {
+                            actor.apply_refresh(tasks)
+                        })
+                        .ok_or_else(panicked),
+                        Err(error) => {
+                            tracing::warn!(%error, "task cache refresh failed; serving cached tasks");
+                            Err(error)
+                        }
                     }
                 }),
         )
     }
+}
+
+fn panicked() -> StoreError {
+    StoreError::Unavailable("the task cache panicked and was restarted".into())
 }
 
 #[cfg(test)]
@@ -331,5 +370,55 @@ mod tests {
             .unwrap();
         assert_eq!(tasks.len(), 1);
         assert_eq!(tasks[0].id, "a");
+    }
+
+    #[actix::test]
+    async fn test_task_cache_restart_after_panic_reloads() {
+        use crate::actors::supervision::test_hooks::PANIC;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("db"), 1).unwrap());
+        store
+            .insert_task(&task("a", "svc", now_ms()))
+            .await
+            .unwrap();
+        let (segments, _writer) =
+            SegmentCapture::new(&crate::config::SegmentsConfig::default(), store.clone());
+        let cache_store = store.clone();
+        let actor = Supervisor::start(move |_ctx| {
+            TaskCacheActor::new(
+                cache_store,
+                Duration::from_secs(3600),
+                Duration::from_secs(60),
+                10,
+                segments,
+            )
+        });
+        let panicked = actor
+            .send(GetServiceTasks {
+                service: PANIC.into(),
+            })
+            .await
+            .unwrap();
+        assert!(panicked.is_empty(), "the fallback answer");
+        // Nothing refreshes on a timer here (one hour): the task can only come from the
+        // reload that the restart starts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let tasks = actor
+                .send(GetServiceTasks {
+                    service: "svc".into(),
+                })
+                .await
+                .unwrap();
+            if tasks.len() == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restarted cache did not reload"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use lru::LruCache;
 
+use super::supervision::{catch_future, guarded};
 use crate::metrics;
 use crate::model::{TaskLog, TaskLogKey};
 use crate::store::{Store, StoreError};
@@ -37,8 +38,9 @@ pub struct TaskLogWriter {
     written: LruCache<TaskLogKey, ()>,
     /// Pending logs held at most while the store is down; older ones are dropped, counted.
     max_pending: usize,
-    /// A write is in flight; the next one waits for it, so writes never overlap.
-    writing: bool,
+    /// The logs of the write in flight (empty: none). The next write waits for it, so
+    /// writes never overlap; a failed write, or a restart that drops it, puts them back.
+    in_flight: Vec<TaskLog>,
     /// `FlushLogs` callers that asked during a write: answered by the write after it.
     flush_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
@@ -57,7 +59,7 @@ impl TaskLogWriter {
             pending_keys: HashSet::new(),
             written: LruCache::new(capacity),
             max_pending: dedup_capacity.max(1),
-            writing: false,
+            in_flight: Vec::new(),
             flush_waiters: Vec::new(),
         }
     }
@@ -70,7 +72,7 @@ impl TaskLogWriter {
         ctx: &mut Context<Self>,
         reply_opt: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     ) {
-        if self.writing {
+        if !self.in_flight.is_empty() {
             if let Some(reply) = reply_opt {
                 self.flush_waiters.push(reply);
             }
@@ -82,33 +84,15 @@ impl TaskLogWriter {
             }
             return;
         }
-        let logs = std::mem::take(&mut self.pending);
+        self.in_flight = std::mem::take(&mut self.pending);
+        let logs = self.in_flight.clone();
         let store = self.store.clone();
-        let write = async move {
-            let result = store.insert_task_logs(&logs).await;
-            (logs, result)
-        };
-        self.writing = true;
-        ctx.spawn(write.into_actor(self).map(move |(logs, result), writer, ctx| {
-            writer.writing = false;
-            match &result {
-                Ok(()) => {
-                    for log in logs {
-                        let key = log.key();
-                        writer.pending_keys.remove(&key);
-                        ::metrics::counter!(metrics::TASK_LOGS_WRITTEN, "operation" => log.operation.name())
-                            .increment(1);
-                        writer.written.put(key, ());
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, logs = logs.len(), "task log write failed; will retry");
-                    let mut logs = logs;
-                    logs.append(&mut writer.pending);
-                    writer.pending = logs;
-                    writer.drop_overflow();
-                }
-            }
+        let write = catch_future(ACTOR, async move { store.insert_task_logs(&logs).await });
+        ctx.spawn(write.into_actor(self).map(move |outcome, writer, ctx| {
+            let result = outcome.unwrap_or_else(|()| Err(panicked()));
+            guarded(ACTOR, writer, ctx, |writer, _ctx| {
+                writer.write_done(&result)
+            });
             if let Some(reply) = reply_opt {
                 let _ = reply.send(result);
             }
@@ -117,6 +101,32 @@ impl TaskLogWriter {
                 writer.flush(ctx, Some(waiter));
             }
         }));
+    }
+
+    fn write_done(&mut self, result: &Result<(), StoreError>) {
+        let logs = std::mem::take(&mut self.in_flight);
+        match result {
+            Ok(()) => {
+                for log in logs {
+                    let key = log.key();
+                    self.pending_keys.remove(&key);
+                    ::metrics::counter!(metrics::TASK_LOGS_WRITTEN, "operation" => log.operation.name())
+                        .increment(1);
+                    self.written.put(key, ());
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, logs = logs.len(), "task log write failed; will retry");
+                self.requeue(logs);
+            }
+        }
+    }
+
+    /// Puts logs whose write failed back in front of the pending ones.
+    fn requeue(&mut self, mut logs: Vec<TaskLog>) {
+        logs.append(&mut self.pending);
+        self.pending = logs;
+        self.drop_overflow();
     }
 
     fn drop_overflow(&mut self) {
@@ -135,6 +145,8 @@ impl TaskLogWriter {
     }
 }
 
+const ACTOR: &str = "task_log";
+
 impl Actor for TaskLogWriter {
     type Context = Context<Self>;
 
@@ -145,17 +157,35 @@ impl Actor for TaskLogWriter {
     }
 }
 
+impl Supervised for TaskLogWriter {
+    /// Logs owed to the store are kept: the write a restart dropped is tried again
+    /// (writes are idempotent by key). Only the memory of stored keys starts over, and
+    /// the callers waiting for a flush are answered that it failed.
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        self.requeue(in_flight);
+        self.written.clear();
+        for waiter in std::mem::take(&mut self.flush_waiters) {
+            let _ = waiter.send(Err(panicked()));
+        }
+    }
+}
+
 impl Handler<RecordLog> for TaskLogWriter {
     type Result = ();
 
-    fn handle(&mut self, message: RecordLog, _ctx: &mut Self::Context) {
-        let key = message.0.key();
-        if self.written.contains(&key) || self.pending_keys.contains(&key) {
-            return;
-        }
-        self.pending_keys.insert(key);
-        self.pending.push(message.0);
-        self.drop_overflow();
+    fn handle(&mut self, message: RecordLog, ctx: &mut Self::Context) {
+        guarded(ACTOR, self, ctx, |writer, _ctx| {
+            #[cfg(test)]
+            super::supervision::test_hooks::panic_if(&message.0.instance);
+            let key = message.0.key();
+            if writer.written.contains(&key) || writer.pending_keys.contains(&key) {
+                return;
+            }
+            writer.pending_keys.insert(key);
+            writer.pending.push(message.0);
+            writer.drop_overflow();
+        });
     }
 }
 
@@ -170,6 +200,10 @@ impl Handler<FlushLogs> for TaskLogWriter {
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("task log writer stopped".into())))
         })
     }
+}
+
+fn panicked() -> StoreError {
+    StoreError::Unavailable("the task log writer panicked and was restarted".into())
 }
 
 #[cfg(test)]
@@ -220,6 +254,46 @@ mod tests {
         assert_eq!(
             logs[0].operation_time, 0,
             "the first NOTIFIED is the one kept"
+        );
+    }
+
+    #[actix::test]
+    async fn test_task_log_restart_after_panic_keeps_pending_logs() {
+        use crate::actors::supervision::test_hooks::PANIC;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db"), 1).unwrap());
+        let writer_store = store.clone();
+        let writer = Supervisor::start(move |_ctx| {
+            TaskLogWriter::new(writer_store, Duration::from_secs(3600), 100)
+        });
+        let task = Task {
+            id: "t".into(),
+            service: "svc".into(),
+            endpoint_name: "/e".into(),
+            start_time: 0,
+            duration: 1,
+            min_duration_threshold: 0,
+            dump_period: 10,
+            max_sampling_count: 5,
+            create_time: 0,
+        };
+        let log = |instance: &str| RecordLog(TaskLog::new(&task, instance, Operation::Notified, 1));
+        writer.send(log("before")).await.unwrap();
+        writer.send(log(PANIC)).await.unwrap();
+        writer.send(log("after")).await.unwrap();
+        writer.send(FlushLogs).await.unwrap().unwrap();
+        let mut instances: Vec<_> = store
+            .task_logs("t")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|log| log.instance)
+            .collect();
+        instances.sort();
+        assert_eq!(
+            instances,
+            ["after", "before"],
+            "the pending log survived the restart"
         );
     }
 }

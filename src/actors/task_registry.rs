@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::supervision::catch_future;
 use super::task_by_id::TaskByIdCache;
 use super::task_cache::{TaskCacheActor, TaskCreated};
 use crate::model::{now_ms, Task};
@@ -72,6 +73,17 @@ impl Handler<CreateTask> for TaskRegistry {
             let _ = downstream.send(TaskCreated(task.clone())).await;
             let _ = by_id.send(TaskCreated(task.clone())).await;
             Ok(task)
+        };
+        // Holds no state: a panic in one creation is caught, reported and counted, and
+        // answered as a store fault; the next creation runs as usual.
+        let create = async move {
+            catch_future("task_registry", create)
+                .await
+                .unwrap_or_else(|()| {
+                    Err(CreateTaskError::Store(StoreError::Unavailable(
+                        "task creation panicked".into(),
+                    )))
+                })
         };
         AtomicResponse::new(Box::pin(create.into_actor(self)))
     }

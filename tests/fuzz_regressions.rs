@@ -1,6 +1,4 @@
 //! Inputs found by the fuzz targets in `fuzz/` (see fuzz/README.md), pinned as tests.
-//! The tests marked `#[ignore]` are findings not fixed yet: each fails today and says
-//! what it expects; run them with `cargo test --test fuzz_regressions -- --ignored`.
 
 mod common;
 
@@ -120,10 +118,9 @@ async fn test_fuzz_http_wrong_method_is_a_json_error() {
 }
 
 /// Finding (fuzz target `http`): a path parameter that percent-decodes to bytes that
-/// are not UTF-8 is refused by axum's `Path` extractor with a `text/plain` 400,
+/// are not UTF-8 was refused by axum's `Path` extractor with a `text/plain` 400,
 /// "Invalid URL: Invalid UTF-8 in `id`", not `{"error": …}`.
 #[tokio::test]
-#[ignore = "finding: a non-UTF-8 path parameter gets a text/plain 400 (fuzz/README.md)"]
 async fn test_fuzz_http_non_utf8_path_parameter_is_a_json_error() {
     let server = Server::start(&[]);
     for path in [

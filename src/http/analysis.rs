@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::http::HeaderName;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::api::find_task;
-use super::error::ApiError;
+use super::error::{ApiError, ApiPath};
 use super::AppState;
 use crate::analysis::stack_tree::{self, Analysis};
 use crate::analysis::{diff, folded, pprof, FlameTree};
@@ -378,7 +378,7 @@ fn collapsed_body(tree: FlameTree, permit: OwnedSemaphorePermit) -> Body {
 /// `GET /api/v1/tasks/{id}/flamegraph?format=json|collapsed|pprof&segment=&start=&end=`.
 pub async fn task_flamegraph(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let pairs = pairs(raw.as_deref());

@@ -1,14 +1,14 @@
 //! The handlers of `/api/v1`, `/healthz` and `/readyz`.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ApiPath};
 use super::AppState;
 use crate::actors::instances::ListServices;
 use crate::actors::task_by_id::GetTask;
@@ -59,14 +59,14 @@ pub(super) async fn find_task(state: &AppState, id: &str) -> Result<Task, ApiErr
 
 pub async fn get_task(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Task>, ApiError> {
     Ok(Json(find_task(&state, &id).await?))
 }
 
 pub async fn task_logs(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<TaskLog>>, ApiError> {
     find_task(&state, &id).await?;
     Ok(Json(state.handles.store.task_logs(&id).await?))
@@ -74,7 +74,7 @@ pub async fn task_logs(
 
 pub async fn task_segments(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<SegmentSummary>>, ApiError> {
     // Snapshots of a task this replica does not know are still stored; list them too.
     Ok(Json(state.handles.store.task_segments(&id).await?))
@@ -88,7 +88,7 @@ pub struct SnapshotQuery {
 
 pub async fn segment_snapshots(
     State(state): State<AppState>,
-    Path(segment_id): Path<String>,
+    ApiPath(segment_id): ApiPath<String>,
     query: Result<Query<SnapshotQuery>, QueryRejection>,
 ) -> Result<Json<Vec<SnapshotRecord>>, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
@@ -127,7 +127,7 @@ pub struct SegmentWithSpans {
 
 pub async fn segment(
     State(state): State<AppState>,
-    Path(segment_id): Path<String>,
+    ApiPath(segment_id): ApiPath<String>,
 ) -> Result<Json<SegmentWithSpans>, ApiError> {
     let Some(segment) = state.handles.store.profiled_segment(&segment_id).await? else {
         return Err(ApiError::NotFound(format!(

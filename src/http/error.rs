@@ -60,7 +60,9 @@ impl From<StoreError> for ApiError {
 
 impl From<actix::MailboxError> for ApiError {
     fn from(error: actix::MailboxError) -> ApiError {
-        ApiError::Unavailable(format!("skysnap is shutting down: {error}"))
+        ApiError::Unavailable(format!(
+            "an actor did not answer (restarting after a panic, or shutting down): {error}"
+        ))
     }
 }
 
@@ -69,6 +71,28 @@ impl From<CreateTaskError> for ApiError {
         match error {
             CreateTaskError::Invalid(reason) => ApiError::BadRequest(reason),
             CreateTaskError::Store(error) => error.into(),
+        }
+    }
+}
+
+/// A path parameter, refused as a JSON 400 (axum's own `Path` answers a bad one, such as
+/// a percent-encoded byte that is not UTF-8, in plain text).
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
         }
     }
 }

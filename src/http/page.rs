@@ -3,11 +3,10 @@
 //! so that skysnap serves it with nothing else installed and nothing fetched from the
 //! internet. The page reads the same `/api/v1` as every other client.
 
-use axum::extract::Path;
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{ApiError, ApiPath};
 
 /// (name under `/assets/`, content type, bytes).
 const ASSETS: &[(&str, &str, &[u8])] = &[
@@ -69,7 +68,7 @@ pub async fn index() -> Response {
 }
 
 /// `GET /assets/{*path}`: the page's scripts, styles and the vendored libraries.
-pub async fn asset(Path(path): Path<String>) -> Result<Response, ApiError> {
+pub async fn asset(ApiPath(path): ApiPath<String>) -> Result<Response, ApiError> {
     ASSETS
         .iter()
         .find(|(name, _, _)| *name == path)

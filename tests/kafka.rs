@@ -436,6 +436,86 @@ async fn test_consumer_commits_nothing_past_a_dead_letter_it_could_not_deliver()
     consumer.stop();
 }
 
+/// A store that refuses everything because of its set-up (here its snapshot table was
+/// dropped under the running consumer) is not the messages' fault: nothing goes to the
+/// dead-letter topic and nothing is committed while it lasts; once the table is back
+/// the same consumer stores every message and moves on.
+#[tokio::test]
+async fn test_consumer_waits_out_an_unusable_store_instead_of_dead_lettering() {
+    let topic = fresh_topic("kunusable", 1).await;
+    let dlq = format!("{topic}.dlq");
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("consumed.db");
+    let group = format!("unusable-group-{topic}");
+    let mut consumer = Consumer::start(
+        dir.path(),
+        &[
+            ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
+            ("SKYSNAP_KAFKA_GROUP_ID", group.as_str()),
+            ("SKYSNAP_SQLITE_PATH", db.to_str().unwrap()),
+        ],
+    );
+    // Ready: its schema is in place, then it goes.
+    eventually(Duration::from_secs(30), || async {
+        (!consumer.scrape().await.is_empty()).then_some(())
+    })
+    .await;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TABLE profile_thread_snapshot")
+        .unwrap();
+    let messages: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..50)
+        .map(|n| {
+            let value = snapshot("task-unusable", "unusable-seg", n).encode_to_vec();
+            (b"unusable-seg".to_vec(), Some(value))
+        })
+        .collect();
+    let borrowed: Vec<(&[u8], Option<Vec<u8>>)> = messages
+        .iter()
+        .map(|(key, value)| (key.as_slice(), value.clone()))
+        .collect();
+    produce_raw(&topic, &borrowed).await;
+
+    // The write fails as retriable, again and again, and is not dead-lettered.
+    eventually(Duration::from_secs(60), || async {
+        let errors = parse_metric(
+            &consumer.scrape().await,
+            "skysnap_sink_errors_total",
+            &["sink=\"sqlite\"", "retriable=\"true\""],
+        );
+        (errors >= 2.0).then_some(())
+    })
+    .await;
+    let offsets = committed_and_end_offsets(&group, &topic);
+    assert!(
+        offsets[&0].0.is_none_or(|offset| offset == 0),
+        "committed while the store could take nothing: {offsets:?}"
+    );
+    assert!(
+        read_topic_raw(&dlq).is_empty(),
+        "dead-lettered a store fault"
+    );
+    assert!(
+        consumer.log().contains("no such table"),
+        "{}",
+        consumer.log()
+    );
+
+    // The table is back (as an operator would restore it): everything lands.
+    drop(skysnap::store::sqlite::SqliteStore::open(&db, 1).expect("schema re-created"));
+    wait_until_committed_to_end(&group, &topic, &consumer).await;
+    assert_eq!(snapshot_rows(&db, "unusable-seg"), 50);
+    assert!(read_topic_raw(&dlq).is_empty());
+    let scrape = consumer.scrape().await;
+    assert_eq!(
+        parse_metric(&scrape, "skysnap_consumer_dead_lettered_total", &[]),
+        0.0,
+        "{scrape}"
+    );
+    consumer.stop();
+}
+
 /// Every metric the shipped Grafana dashboard queries exists in a real scrape of a
 /// receiver and a consumer.
 fn check_dashboard_metrics(scrape: &str) {

@@ -8,7 +8,9 @@ use crate::store::StoreError;
 
 pub fn from_store(error: &StoreError) -> Status {
     match error {
-        StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+        StoreError::Unavailable(_) | StoreError::Unusable(_) => {
+            Status::unavailable(error.to_string())
+        }
         StoreError::Rejected(_) => Status::internal(error.to_string()),
     }
 }

@@ -52,7 +52,9 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
-            StoreError::Unavailable(_) => ApiError::Unavailable(error.to_string()),
+            StoreError::Unavailable(_) | StoreError::Unusable(_) => {
+                ApiError::Unavailable(error.to_string())
+            }
             StoreError::Rejected(_) => ApiError::Internal(error.to_string()),
         }
     }

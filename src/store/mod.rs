@@ -15,14 +15,22 @@ pub enum StoreError {
     /// The store could not be reached or was busy; the same call may succeed later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// The store refused the data or the query; retrying will not help.
+    /// The store refused this data or this query; retrying it will not help, other
+    /// data may pass (a constraint, a value out of range, a malformed statement).
     #[error("store rejected the request: {0}")]
     Rejected(String),
+    /// The store answers but can take nothing as it is set up: a table or database
+    /// missing, no permission, read-only, a corrupt file. Not the data's fault: the same
+    /// call succeeds once an operator fixes the store, so it is retried, never
+    /// dead-lettered (a consumer that dead-lettered it would empty its topic into the
+    /// dead-letter topic).
+    #[error("store unusable as set up: {0}")]
+    Unusable(String),
 }
 
 impl StoreError {
     pub fn is_retriable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Unusable(_))
     }
 }
 

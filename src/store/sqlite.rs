@@ -125,24 +125,30 @@ fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, St
     Ok(connection)
 }
 
-/// Locked/busy/IO failures may pass; everything else is a final refusal.
+/// Locked/busy/IO failures may pass; a store that cannot take anything as it is set up
+/// (a table missing, read-only, no permission, corrupt) is unusable until fixed; the
+/// rest refuses the data itself (a constraint, a type, a size).
 fn map_error(error: &rusqlite::Error) -> StoreError {
-    let retriable = match error {
-        rusqlite::Error::SqliteFailure(failure, _) => matches!(
-            failure.code,
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::DiskFull
-                | ErrorCode::CannotOpen
-                | ErrorCode::OutOfMemory
-        ),
-        _ => false,
+    let rusqlite::Error::SqliteFailure(failure, _) = error else {
+        return StoreError::Rejected(format!("sqlite: {error}"));
     };
-    if retriable {
-        StoreError::Unavailable(format!("sqlite: {error}"))
-    } else {
-        StoreError::Rejected(format!("sqlite: {error}"))
+    match failure.code {
+        ErrorCode::DatabaseBusy
+        | ErrorCode::DatabaseLocked
+        | ErrorCode::SystemIoFailure
+        | ErrorCode::DiskFull
+        | ErrorCode::CannotOpen
+        | ErrorCode::OutOfMemory => StoreError::Unavailable(format!("sqlite: {error}")),
+        // `Unknown` is SQLITE_ERROR: "no such table", "no such column", and SQL the
+        // schema does not match: the store's set-up, not a row.
+        ErrorCode::Unknown
+        | ErrorCode::ReadOnly
+        | ErrorCode::PermissionDenied
+        | ErrorCode::AuthorizationForStatementDenied
+        | ErrorCode::NotADatabase
+        | ErrorCode::DatabaseCorrupt
+        | ErrorCode::SchemaChanged => StoreError::Unusable(format!("sqlite: {error}")),
+        _ => StoreError::Rejected(format!("sqlite: {error}")),
     }
 }
 
@@ -944,6 +950,39 @@ mod tests {
             (segments[0].first_dump_time, segments[0].last_dump_time),
             (1_000, 1_001)
         );
+    }
+
+    #[tokio::test]
+    async fn test_sqlite_error_classes_row_refused_or_store_unusable() {
+        let (dir, store) = store();
+        let admin = rusqlite::Connection::open(dir.path().join("sub/skysnap.db")).unwrap();
+        // A rule that refuses one row: that row is rejected, others pass.
+        admin
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON profile_thread_snapshot \
+                 WHEN NEW.segment_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let refused = store
+            .insert_snapshots(&[snapshot("t", "bad", 0)])
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Rejected(_)), "{refused:?}");
+        assert!(!refused.is_retriable());
+        store
+            .insert_snapshots(&[snapshot("t", "good", 0)])
+            .await
+            .unwrap();
+        // A missing table: nothing can be stored until it is back, so it is retried.
+        admin
+            .execute_batch("DROP TABLE profile_thread_snapshot")
+            .unwrap();
+        let unusable = store
+            .insert_snapshots(&[snapshot("t", "good", 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(unusable, StoreError::Unusable(_)), "{unusable:?}");
+        assert!(unusable.is_retriable());
     }
 
     #[tokio::test]

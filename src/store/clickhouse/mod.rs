@@ -345,29 +345,46 @@ struct PartitionRow {
     rows: u64,
 }
 
-/// Network trouble, timeouts and a server that is overloaded or restarting may pass;
-/// everything else (bad SQL, schema mismatch) is final.
+/// Network trouble, timeouts and a server that is overloaded or restarting may pass; a
+/// server that cannot take anything as skysnap's schema and user are set up is unusable
+/// until fixed; the rest (a value it cannot parse, a batch over its limits) is final.
 fn map_error(error: clickhouse::error::Error) -> StoreError {
     use clickhouse::error::Error;
-    let retriable = match &error {
-        Error::Network(_) | Error::TimedOut => true,
-        Error::BadResponse(message) => is_retriable_response(message),
-        _ => false,
+    let class = match &error {
+        Error::Network(_) | Error::TimedOut => ErrorClass::Retriable,
+        Error::BadResponse(message) => classify_response(message),
+        _ => ErrorClass::Final,
     };
-    if retriable {
-        StoreError::Unavailable(format!("clickhouse: {error}"))
-    } else {
-        StoreError::Rejected(format!("clickhouse: {error}"))
+    match class {
+        ErrorClass::Retriable => StoreError::Unavailable(format!("clickhouse: {error}")),
+        ErrorClass::Unusable => StoreError::Unusable(format!("clickhouse: {error}")),
+        ErrorClass::Final => StoreError::Rejected(format!("clickhouse: {error}")),
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorClass {
+    Retriable,
+    Unusable,
+    Final,
+}
+
 /// Server error codes that mean "try again later": timeouts, too many parts or
-/// queries, memory, network and keeper trouble, a table being (re)loaded.
-fn is_retriable_response(message: &str) -> bool {
-    const RETRIABLE_CODES: &[u32] = &[
-        3, 32, 159, 160, 164, 170, 198, 201, 202, 203, 209, 210, 236, 241, 242, 252, 285, 319, 341,
-        394, 425, 439, 999,
-    ];
+/// queries, memory, network and keeper trouble, a table being (re)loaded, read-only.
+const RETRIABLE_CODES: &[u32] = &[
+    3, 32, 159, 160, 164, 170, 198, 201, 202, 203, 209, 210, 236, 241, 242, 252, 285, 319, 341,
+    394, 425, 439, 999,
+];
+
+/// Server error codes that say skysnap's schema or user does not fit the server:
+/// THERE_IS_NO_COLUMN (8), NOT_FOUND_COLUMN_IN_BLOCK (10), NO_SUCH_COLUMN_IN_TABLE (16),
+/// UNKNOWN_IDENTIFIER (47), UNKNOWN_TABLE (60), SYNTAX_ERROR (62: skysnap's SQL does not
+/// fit this server), UNKNOWN_DATABASE (81), UNKNOWN_USER (192),
+/// WRONG_PASSWORD (193), REQUIRED_PASSWORD (194), IP_ADDRESS_NOT_ALLOWED (195),
+/// NOT_ENOUGH_SPACE (243), ACCESS_DENIED (497), AUTHENTICATION_FAILED (516).
+const UNUSABLE_CODES: &[u32] = &[8, 10, 16, 47, 60, 62, 81, 192, 193, 194, 195, 243, 497, 516];
+
+fn classify_response(message: &str) -> ErrorClass {
     let Some(code) = message
         .split("Code: ")
         .nth(1)
@@ -375,14 +392,20 @@ fn is_retriable_response(message: &str) -> bool {
         .and_then(|digits| digits.parse::<u32>().ok())
     else {
         // No ClickHouse error code: a proxy or the HTTP layer failed (e.g. 502/503).
-        return true;
+        return ErrorClass::Retriable;
     };
     // TOO_MANY_PARTS (252) also names a batch whose rows span more partitions than one
     // insert may touch: the same batch fails again however long one waits.
     if message.contains("Too many partitions for single INSERT block") {
-        return false;
+        return ErrorClass::Final;
     }
-    RETRIABLE_CODES.contains(&code)
+    if RETRIABLE_CODES.contains(&code) {
+        ErrorClass::Retriable
+    } else if UNUSABLE_CODES.contains(&code) {
+        ErrorClass::Unusable
+    } else {
+        ErrorClass::Final
+    }
 }
 
 impl ClickHouseStore {
@@ -847,25 +870,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_clickhouse_retriable_codes() {
-        assert!(is_retriable_response(
-            "Code: 252, e.displayText() = DB::Exception: Too many parts"
-        ));
-        assert!(is_retriable_response(
-            "Code: 159. DB::Exception: Timeout exceeded"
-        ));
-        assert!(!is_retriable_response(
-            "Code: 62, e.displayText() = DB::Exception: Syntax error"
-        ));
-        assert!(!is_retriable_response(
-            "Code: 60. DB::Exception: Table skysnap.x doesn't exist"
-        ));
-        assert!(is_retriable_response("502 Bad Gateway"));
-        assert!(is_retriable_response(
-            "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts."
-        ));
-        assert!(!is_retriable_response(
-            "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."
-        ));
+    fn test_clickhouse_error_classes() {
+        use ErrorClass::*;
+        let cases = [
+            ("Code: 252, e.displayText() = DB::Exception: Too many parts", Retriable),
+            ("Code: 159. DB::Exception: Timeout exceeded", Retriable),
+            ("502 Bad Gateway", Retriable),
+            (
+                "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts.",
+                Retriable,
+            ),
+            (
+                "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100).",
+                Final,
+            ),
+            ("Code: 27. DB::Exception: Cannot parse input", Final),
+            ("Code: 62, e.displayText() = DB::Exception: Syntax error", Unusable),
+            ("Code: 60. DB::Exception: Table skysnap.x doesn't exist", Unusable),
+            ("Code: 81. DB::Exception: Database skysnap doesn't exist", Unusable),
+            ("Code: 516. DB::Exception: default: Authentication failed", Unusable),
+            ("Code: 497. DB::Exception: u: Not enough privileges", Unusable),
+        ];
+        for (message, class) in cases {
+            assert_eq!(classify_response(message), class, "{message}");
+        }
     }
 }

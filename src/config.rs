@@ -165,6 +165,34 @@ pub struct SqliteConfig {
     /// Milliseconds a call waits for a lock held by another process before it fails
     /// (retriably, so batches are retried within the sink budget).
     pub busy_timeout_ms: u64,
+    /// What an acknowledged batch survives (SQLite's `synchronous` in WAL mode).
+    pub synchronous: SqliteSynchronous,
+}
+
+/// SQLite's `PRAGMA synchronous` in WAL mode, i.e. what an acknowledgement survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// No fsync at all: a crash of skysnap loses nothing committed, an OS crash or power
+    /// loss can lose committed batches and, rarely, corrupt the file.
+    Off,
+    /// fsync at checkpoints only: a crash of skysnap loses nothing committed; an OS crash
+    /// or power loss can lose the batches committed since the last checkpoint (the file
+    /// stays consistent). SQLite's recommendation for WAL, and the fastest safe level.
+    #[default]
+    Normal,
+    /// fsync of the WAL at every commit: an acknowledged batch survives a power loss.
+    Full,
+}
+
+impl SqliteSynchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            SqliteSynchronous::Off => "OFF",
+            SqliteSynchronous::Normal => "NORMAL",
+            SqliteSynchronous::Full => "FULL",
+        }
+    }
 }
 
 impl Default for SqliteConfig {
@@ -173,6 +201,7 @@ impl Default for SqliteConfig {
             path: PathBuf::from("./data/skysnap.db"),
             read_connections: 4,
             busy_timeout_ms: 5_000,
+            synchronous: SqliteSynchronous::Normal,
         }
     }
 }

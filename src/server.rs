@@ -45,12 +45,13 @@ async fn open_unbounded_store(config: &Config, limit: Duration) -> anyhow::Resul
             let path = config.sqlite.path.clone();
             let readers = config.sqlite.read_connections;
             let busy_timeout = Duration::from_millis(config.sqlite.busy_timeout_ms);
+            let synchronous = config.sqlite.synchronous;
             let store = tokio::task::spawn_blocking(move || {
-                SqliteStore::open_with(&path, readers, busy_timeout)
+                SqliteStore::open_with(&path, readers, busy_timeout, synchronous)
             })
             .await?
             .with_context(|| format!("cannot open sqlite.path {}", config.sqlite.path.display()))?;
-            tracing::info!(path = %config.sqlite.path.display(), "sqlite store open");
+            tracing::info!(path = %config.sqlite.path.display(), synchronous = synchronous.pragma(), "sqlite store open");
             Ok(Arc::new(store))
         }
         StoreKind::Clickhouse => {

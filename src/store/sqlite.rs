@@ -14,6 +14,7 @@ use futures::stream::{BoxStream, StreamExt as _};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
+use crate::config::SqliteSynchronous;
 use crate::model::{
     minute_bucket, second_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary,
     SnapshotRecord, Task, TaskLog,
@@ -107,20 +108,25 @@ pub struct SqliteStore {
     next_reader: AtomicUsize,
 }
 
-fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+fn open_connection(
+    path: &Path,
+    busy_timeout: Duration,
+    synchronous: SqliteSynchronous,
+) -> Result<Connection, StoreError> {
     let connection = Connection::open(path).map_err(|error| map_error(&error))?;
     connection
         .busy_timeout(busy_timeout)
         .map_err(|error| map_error(&error))?;
     // 16 KiB pages hold seven ~2 KB snapshot rows where 4 KiB pages held one or two
-    // (a no-op on an existing file). WAL lets the API read while a batch commits;
-    // NORMAL sync keeps every committed transaction across a process crash (only an
-    // OS crash can lose the newest ones).
+    // (a no-op on an existing file). WAL lets the API read while a batch commits; any
+    // `synchronous` level keeps every committed transaction across a crash of the
+    // process, and FULL across an OS crash or power loss too.
     connection
-        .execute_batch(
-            "PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
+        .execute_batch(&format!(
+            "PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous={}; \
              PRAGMA foreign_keys=OFF;",
-        )
+            synchronous.pragma()
+        ))
         .map_err(|error| map_error(&error))?;
     Ok(connection)
 }
@@ -163,14 +169,21 @@ fn lock(connection: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection>
 impl SqliteStore {
     /// Opens (creating when missing) the database file and its folder, and the schema.
     pub fn open(path: &Path, read_connections: usize) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_with(path, read_connections, Duration::from_secs(5))
+        SqliteStore::open_with(
+            path,
+            read_connections,
+            Duration::from_secs(5),
+            SqliteSynchronous::default(),
+        )
     }
 
-    /// Like `open`, with the time a call waits on another process's lock.
+    /// Like `open`, with the time a call waits on another process's lock and what a
+    /// commit survives.
     pub fn open_with(
         path: &Path,
         read_connections: usize,
         busy_timeout: Duration,
+        synchronous: SqliteSynchronous,
     ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|error| {
@@ -180,7 +193,7 @@ impl SqliteStore {
                 ))
             })?;
         }
-        let writer = open_connection(path, busy_timeout)?;
+        let writer = open_connection(path, busy_timeout, synchronous)?;
         // The writer's page cache holds the hot index pages of every insert; 64 MiB
         // instead of SQLite's 2 MiB took batch inserts from 43k to 50k rows/s (one
         // thread, 2,000-row transactions). Readers keep the default.
@@ -191,7 +204,7 @@ impl SqliteStore {
             .execute_batch(SCHEMA)
             .map_err(|error| map_error(&error))?;
         let readers = (0..read_connections.max(1))
-            .map(|_| open_connection(path, busy_timeout).map(Mutex::new))
+            .map(|_| open_connection(path, busy_timeout, synchronous).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -983,6 +996,23 @@ mod tests {
             .unwrap_err();
         assert!(matches!(unusable, StoreError::Unusable(_)), "{unusable:?}");
         assert!(unusable.is_retriable());
+    }
+
+    #[test]
+    fn test_sqlite_synchronous_level_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        for (level, pragma_value) in [
+            (SqliteSynchronous::Off, 0),
+            (SqliteSynchronous::Normal, 1),
+            (SqliteSynchronous::Full, 2),
+        ] {
+            let connection = open_connection(&path, Duration::from_secs(1), level).unwrap();
+            let value: i64 = connection
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(value, pragma_value, "{level:?}");
+        }
     }
 
     #[tokio::test]

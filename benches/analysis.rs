@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use skysnap::analysis::{folded, pprof, stack_tree, FlameTree};
-use skysnap::grpc::profile::to_record;
 use skysnap::load::{frame_pool, segment_snapshots};
+use skysnap::model::to_record;
 use skysnap::model::SnapshotRecord;
 
 /// SkyWalking's `maxThreadSnapshotAnalyzeSize`, skysnap's `analysis.max_snapshots`.

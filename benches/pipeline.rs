@@ -20,8 +20,8 @@ use skysnap::actors::shard::{shard_for, BatchLimits, CloseReason, Flush, Ingest,
 use skysnap::actors::sink::kafka::encode;
 use skysnap::actors::sink::retry::RetryPolicy;
 use skysnap::actors::sink::{NullSink, SnapshotSink};
-use skysnap::grpc::profile::to_record;
 use skysnap::load::{frame_pool, segment_snapshots};
+use skysnap::model::to_record;
 use skysnap::model::SnapshotRecord;
 use skysnap::proto::v3::ThreadSnapshot;
 use skysnap::store::clickhouse::{nodelay_client, SnapshotInsertRow};

@@ -28,12 +28,12 @@ use crate::actors::sink::retry::RetryPolicy;
 use crate::actors::sink::store::StoreSink;
 use crate::actors::sink::{SinkError, SnapshotSink};
 use crate::config::{Config, KafkaConfig};
-use crate::grpc::profile::to_record;
 use crate::http;
 use crate::metrics;
+use crate::model::to_record;
 use crate::model::SnapshotRecord;
+use crate::process::{open_store, signal, stopped};
 use crate::proto::v3::ThreadSnapshot;
-use crate::server::{open_store, signal, stopped};
 
 /// Runs the consumer until a signal; returns whether it stopped cleanly.
 pub fn run(config: Config) -> anyhow::Result<bool> {

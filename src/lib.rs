@@ -17,6 +17,7 @@ pub mod load_segments;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod process;
 pub mod proto;
 pub mod segments;
 pub mod server;

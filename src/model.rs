@@ -4,6 +4,8 @@
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::proto::v3::ThreadSnapshot;
+
 /// Milliseconds in one minute, the unit of a task's `duration`.
 pub const MINUTE_MS: i64 = 60_000;
 
@@ -146,6 +148,44 @@ impl SnapshotRecord {
     }
 }
 
+/// The last millisecond of 9999-12-31 UTC.
+const MAX_DUMP_TIME_MS: i64 = 253_402_300_799_999;
+
+/// Checks one snapshot; the error is the `reason` label of the rejection.
+pub fn to_record(
+    snapshot: ThreadSnapshot,
+    max_stack_depth: usize,
+) -> Result<SnapshotRecord, &'static str> {
+    if snapshot.task_id.is_empty() {
+        return Err("empty_task_id");
+    }
+    if snapshot.trace_segment_id.is_empty() {
+        return Err("empty_segment_id");
+    }
+    if snapshot.sequence < 0 {
+        return Err("negative_sequence");
+    }
+    // Past 9999-12-31 a time bucket is no longer yyyyMMddHHmmss (partitions and
+    // retention count on it); found by fuzzing.
+    if snapshot.time <= 0 || snapshot.time > MAX_DUMP_TIME_MS {
+        return Err("invalid_time");
+    }
+    let stack = snapshot
+        .stack
+        .map(|stack| stack.code_signatures)
+        .unwrap_or_default();
+    if stack.len() > max_stack_depth {
+        return Err("stack_too_deep");
+    }
+    Ok(SnapshotRecord {
+        task_id: snapshot.task_id,
+        segment_id: snapshot.trace_segment_id,
+        sequence: snapshot.sequence,
+        dump_time: snapshot.time,
+        stack,
+    })
+}
+
 /// A profiled segment of a task, as listed by the API. The trace fields come from the
 /// kept trace segment and are `None` until (unless) it has passed through skysnap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +300,40 @@ pub fn second_bucket(epoch_ms: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::v3::ThreadStack;
+
+    fn snapshot() -> ThreadSnapshot {
+        ThreadSnapshot {
+            task_id: "t".into(),
+            trace_segment_id: "s".into(),
+            time: 1,
+            sequence: 0,
+            stack: Some(ThreadStack {
+                code_signatures: vec!["a".into(), "b".into()],
+            }),
+        }
+    }
+
+    #[test]
+    fn test_snapshot_validation_reasons() {
+        assert!(to_record(snapshot(), 2).is_ok());
+        type Change = fn(&mut ThreadSnapshot);
+        let cases: [(Change, &str); 5] = [
+            (|s| s.task_id.clear(), "empty_task_id"),
+            (|s| s.trace_segment_id.clear(), "empty_segment_id"),
+            (|s| s.sequence = -1, "negative_sequence"),
+            (|s| s.time = 0, "invalid_time"),
+            (
+                |s| s.stack.as_mut().unwrap().code_signatures.push("c".into()),
+                "stack_too_deep",
+            ),
+        ];
+        for (change, reason) in cases {
+            let mut s = snapshot();
+            change(&mut s);
+            assert_eq!(to_record(s, 2).unwrap_err(), reason);
+        }
+    }
 
     fn task(start_time: i64, duration: i32) -> Task {
         Task {

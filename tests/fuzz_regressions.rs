@@ -5,7 +5,7 @@ mod common;
 use common::Server;
 use prost::Message as _;
 use skysnap::consume::decode_value;
-use skysnap::grpc::profile::to_record;
+use skysnap::model::to_record;
 use skysnap::proto::v3::{ThreadSnapshot, ThreadStack};
 
 fn snapshot(time: i64) -> ThreadSnapshot {

@@ -3,7 +3,7 @@
 
 use prost::Message as _;
 use skysnap::consume::decode_value;
-use skysnap::grpc::profile::to_record;
+use skysnap::model::to_record;
 use skysnap::model::SnapshotRecord;
 use skysnap::proto::v3::ThreadSnapshot;
 

@@ -16,7 +16,7 @@ use crate::actors::task_cache::GetServiceTasks;
 use crate::actors::task_log::RecordLog;
 use crate::config::Config;
 use crate::metrics;
-use crate::model::{now_ms, Operation, SnapshotRecord, Task, TaskLog};
+use crate::model::{now_ms, to_record, Operation, SnapshotRecord, Task, TaskLog};
 use crate::pipeline::Handles;
 use crate::proto::compat;
 use crate::proto::v3::profile_task_server::ProfileTask;
@@ -42,9 +42,6 @@ pub struct ProfileService {
     snapshots_unknown_task: ::metrics::Counter,
     limits: Arc<StreamLimits>,
 }
-
-/// The last millisecond of 9999-12-31 UTC.
-const MAX_DUMP_TIME_MS: i64 = 253_402_300_799_999;
 
 /// Task ids a stream remembers as known or not; more are asked again each time.
 const KNOWN_TASKS_PER_STREAM: usize = 1_024;
@@ -150,41 +147,6 @@ pub fn task_command(task: &Task) -> Command {
             arg("CreateTime", task.create_time.to_string()),
         ],
     }
-}
-
-/// Checks one snapshot; the error is the `reason` label of the rejection.
-pub fn to_record(
-    snapshot: ThreadSnapshot,
-    max_stack_depth: usize,
-) -> Result<SnapshotRecord, &'static str> {
-    if snapshot.task_id.is_empty() {
-        return Err("empty_task_id");
-    }
-    if snapshot.trace_segment_id.is_empty() {
-        return Err("empty_segment_id");
-    }
-    if snapshot.sequence < 0 {
-        return Err("negative_sequence");
-    }
-    // Past 9999-12-31 a time bucket is no longer yyyyMMddHHmmss (partitions and
-    // retention count on it); found by fuzzing.
-    if snapshot.time <= 0 || snapshot.time > MAX_DUMP_TIME_MS {
-        return Err("invalid_time");
-    }
-    let stack = snapshot
-        .stack
-        .map(|stack| stack.code_signatures)
-        .unwrap_or_default();
-    if stack.len() > max_stack_depth {
-        return Err("stack_too_deep");
-    }
-    Ok(SnapshotRecord {
-        task_id: snapshot.task_id,
-        segment_id: snapshot.trace_segment_id,
-        sequence: snapshot.sequence,
-        dump_time: snapshot.time,
-        stack,
-    })
 }
 
 /// Decrements the open-stream gauge however the stream ends.
@@ -504,40 +466,6 @@ impl_profile_task!(compat::profile_task_server::ProfileTask);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::v3::ThreadStack;
-
-    fn snapshot() -> ThreadSnapshot {
-        ThreadSnapshot {
-            task_id: "t".into(),
-            trace_segment_id: "s".into(),
-            time: 1,
-            sequence: 0,
-            stack: Some(ThreadStack {
-                code_signatures: vec!["a".into(), "b".into()],
-            }),
-        }
-    }
-
-    #[test]
-    fn test_snapshot_validation_reasons() {
-        assert!(to_record(snapshot(), 2).is_ok());
-        type Change = fn(&mut ThreadSnapshot);
-        let cases: [(Change, &str); 5] = [
-            (|s| s.task_id.clear(), "empty_task_id"),
-            (|s| s.trace_segment_id.clear(), "empty_segment_id"),
-            (|s| s.sequence = -1, "negative_sequence"),
-            (|s| s.time = 0, "invalid_time"),
-            (
-                |s| s.stack.as_mut().unwrap().code_signatures.push("c".into()),
-                "stack_too_deep",
-            ),
-        ];
-        for (change, reason) in cases {
-            let mut s = snapshot();
-            change(&mut s);
-            assert_eq!(to_record(s, 2).unwrap_err(), reason);
-        }
-    }
 
     #[test]
     fn test_task_command_has_all_nine_args() {

@@ -29,11 +29,11 @@ use crate::actors::sink::store::StoreSink;
 use crate::actors::sink::{SinkError, SnapshotSink};
 use crate::config::{Config, KafkaConfig};
 use crate::http;
-use crate::metrics;
 use crate::model::to_record;
 use crate::model::SnapshotRecord;
 use crate::process::{open_store, signal, stopped};
 use crate::proto::v3::ThreadSnapshot;
+use crate::telemetry;
 
 /// Runs the consumer until a signal; returns whether it stopped cleanly.
 pub fn run(config: Config) -> anyhow::Result<bool> {
@@ -49,8 +49,8 @@ async fn consume(config: Config) -> anyhow::Result<bool> {
         config.kafka_enabled(),
         "skysnap consume needs kafka.brokers"
     );
-    let prometheus = metrics::install(metrics::Role::Consumer)?;
-    metrics::register_consumer_zeros();
+    let prometheus = telemetry::install(telemetry::Role::Consumer)?;
+    telemetry::register_consumer_zeros();
     let store = open_store(&config).await?;
     let sink = StoreSink::new(store);
     let dead_letters = DeadLetterQueue::new(&config.kafka)
@@ -126,7 +126,7 @@ fn spawn_lag_reporter(
             let measured =
                 tokio::task::spawn_blocking(move || measure_lag(&consumer, LAG_BUDGET)).await;
             match measured {
-                Ok(Ok(lag)) => ::metrics::gauge!(metrics::CONSUMER_LAG).set(lag as f64),
+                Ok(Ok(lag)) => metrics::gauge!(telemetry::CONSUMER_LAG).set(lag as f64),
                 Ok(Err(error)) => tracing::debug!(%error, "consumer lag not measured"),
                 Err(error) => tracing::debug!(%error, "consumer lag measurement failed"),
             }
@@ -251,7 +251,7 @@ impl DeadLetterQueue {
                 Ok(()) => break,
                 Err(error) => error,
             };
-            ::metrics::counter!(metrics::CONSUMER_DEAD_LETTER_FAILURES).increment(1);
+            metrics::counter!(telemetry::CONSUMER_DEAD_LETTER_FAILURES).increment(1);
             if *stop.borrow() {
                 anyhow::bail!(
                     "stopped before the dead letters reached {}: {error}",
@@ -263,7 +263,7 @@ impl DeadLetterQueue {
             tokio::time::sleep(delay).await;
         }
         for letter in letters {
-            metrics::dead_lettered(letter.reason);
+            telemetry::dead_lettered(letter.reason);
             tracing::debug!(
                 reason = letter.reason,
                 error = %letter.error,
@@ -369,7 +369,7 @@ async fn consume_loop(
             let next = message.offset() + 1;
             let entry = batch.next_offsets.entry(key).or_insert(next);
             *entry = (*entry).max(next);
-            ::metrics::counter!(metrics::SNAPSHOTS_RECEIVED).increment(1);
+            metrics::counter!(telemetry::SNAPSHOTS_RECEIVED).increment(1);
             let origin = Origin {
                 topic: message.topic().to_string(),
                 partition: message.partition(),
@@ -383,7 +383,7 @@ async fn consume_loop(
                     batch.origins.push(origin);
                 }
                 Err(reason) => {
-                    metrics::snapshot_rejected(reason);
+                    telemetry::snapshot_rejected(reason);
                     batch.dead_letters.push(DeadLetter {
                         origin,
                         reason,
@@ -430,20 +430,20 @@ async fn commit_batch(
     } = batch;
     let refused = store_records(sink, &records, retry, stop).await?;
     let stored = records.len() - refused.len();
-    ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(stored as u64);
+    metrics::counter!(telemetry::SNAPSHOTS_COMMITTED).increment(stored as u64);
     let mut origins: Vec<Option<Origin>> = origins.into_iter().map(Some).collect();
     for (index, error) in refused {
         let origin = origins[index].take().expect("one origin per record");
         dead_letters.push(DeadLetter {
             origin,
-            reason: metrics::STORE_REFUSED,
+            reason: telemetry::STORE_REFUSED,
             error: error.to_string(),
         });
     }
     dead_letter_queue
         .deliver(&dead_letters, retry, stop)
         .await?;
-    ::metrics::counter!(metrics::CONSUMER_BATCHES).increment(1);
+    metrics::counter!(telemetry::CONSUMER_BATCHES).increment(1);
     let mut offsets = TopicPartitionList::new();
     for ((topic, partition), next) in &next_offsets {
         offsets.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
@@ -451,12 +451,12 @@ async fn commit_batch(
     // A synchronous commit blocks this thread briefly; keep the runtime's others free.
     let committed = tokio::task::block_in_place(|| consumer.commit(&offsets, CommitMode::Sync));
     match committed {
-        Ok(()) => ::metrics::counter!(metrics::CONSUMER_COMMITS, "result" => "ok").increment(1),
+        Ok(()) => metrics::counter!(telemetry::CONSUMER_COMMITS, "result" => "ok").increment(1),
         Err(error) => {
             // A rebalance took the partition: its new owner re-reads (the store collapses
             // duplicates), so nothing is lost.
             tracing::warn!(%error, "offset commit failed");
-            ::metrics::counter!(metrics::CONSUMER_COMMITS, "result" => "failed").increment(1);
+            metrics::counter!(telemetry::CONSUMER_COMMITS, "result" => "failed").increment(1);
         }
     }
     Ok(())
@@ -489,7 +489,7 @@ async fn store_records(
             let started = Instant::now();
             let error = match tokio::time::timeout(retry.attempt_timeout, sink.write(part)).await {
                 Ok(Ok(())) => {
-                    metrics::batch_written(
+                    telemetry::batch_written(
                         sink.name(),
                         part.len(),
                         started.elapsed().as_secs_f64(),
@@ -506,7 +506,7 @@ async fn store_records(
                     retriable: true,
                 },
             };
-            metrics::sink_error(sink.name(), error.retriable);
+            telemetry::sink_error(sink.name(), error.retriable);
             if !error.retriable {
                 if part.len() == 1 {
                     tracing::warn!(%error, "the store refused a snapshot for good; dead-lettering it");
@@ -524,7 +524,7 @@ async fn store_records(
             // The offsets stay uncommitted: whoever owns the partition next re-reads.
             let delay = retry.backoff(attempt.min(10));
             tracing::warn!(%error, attempt, ?delay, "store write failed; retrying the batch");
-            metrics::sink_retry(sink.name());
+            telemetry::sink_retry(sink.name());
             tokio::time::sleep(delay).await;
         }
     }

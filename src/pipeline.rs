@@ -55,7 +55,7 @@ impl Pipeline {
         sinks: Vec<Arc<dyn SnapshotSink>>,
     ) -> Pipeline {
         for sink in &sinks {
-            crate::metrics::register_sink_zeros(sink.name());
+            crate::telemetry::register_sink_zeros(sink.name());
         }
         let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(sinks);
         let limits = BatchLimits {

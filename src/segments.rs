@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::SegmentsConfig;
-use crate::metrics::{SEGMENTS_KEPT, SEGMENTS_SKIPPED};
 use crate::model::{ProfiledSegment, ProfiledSpan, Task};
 use crate::proto::v3::{SegmentObject, SpanLayer, SpanType};
 use crate::store::Store;
+use crate::telemetry::{SEGMENTS_KEPT, SEGMENTS_SKIPPED};
 
 /// A task's endpoint and time window, as the tap needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::pipeline::{sinks_for, Pipeline};
 use crate::process::{open_store, signal, stopped};
-use crate::{grpc, metrics};
+use crate::{grpc, telemetry};
 
 /// Runs the service until a signal; returns whether everything was flushed.
 pub fn run(config: Config) -> anyhow::Result<bool> {
@@ -37,7 +37,7 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
 }
 
 async fn serve(config: Config) -> anyhow::Result<bool> {
-    let prometheus = metrics::install(metrics::Role::Receiver)?;
+    let prometheus = telemetry::install(telemetry::Role::Receiver)?;
     let store = open_store(&config).await?;
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
     let http_listener = bind("http.addr", config.http.addr).await?;

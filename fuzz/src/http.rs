@@ -244,7 +244,7 @@ impl HttpHarness {
                 .expect("tokio runtime")
         });
         let (pipeline, open, guarded) = system.block_on(async {
-            let store = skysnap::server::open_store(&config)
+            let store = skysnap::process::open_store(&config)
                 .await
                 .expect("sqlite store opens");
             seed(store.as_ref()).await;

@@ -50,7 +50,7 @@ impl Handler<RunRetention> for RetentionActor {
             let result = store.remove_expired(cutoff_ms).await;
             match &result {
                 Ok(removed) => {
-                    ::metrics::counter!(crate::metrics::RETENTION_ROWS_REMOVED, "store" => store.kind()).increment(*removed);
+                    metrics::counter!(crate::telemetry::RETENTION_ROWS_REMOVED, "store" => store.kind()).increment(*removed);
                     if *removed > 0 {
                         tracing::info!(removed, cutoff_ms, "expired records removed");
                     }

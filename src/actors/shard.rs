@@ -14,8 +14,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::sink::retry::{write_with_retry, RetryPolicy};
 use super::sink::{SinkError, SnapshotSink};
-use crate::metrics;
 use crate::model::SnapshotRecord;
+use crate::telemetry;
 
 /// Why a batch was closed; the `reason` label of `skysnap_batches_flushed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,7 @@ struct Batch {
 
 pub struct SnapshotShard {
     /// `skysnap_shard_batch_snapshots` of this shard.
-    batch_gauge: ::metrics::Gauge,
+    batch_gauge: metrics::Gauge,
     sinks: Arc<[Arc<dyn SnapshotSink>]>,
     limits: BatchLimits,
     retry: RetryPolicy,
@@ -97,7 +97,7 @@ impl SnapshotShard {
         mailbox_capacity: usize,
     ) -> SnapshotShard {
         SnapshotShard {
-            batch_gauge: ::metrics::gauge!(metrics::SHARD_BATCH_SNAPSHOTS, "shard" => shard_index.to_string()),
+            batch_gauge: metrics::gauge!(telemetry::SHARD_BATCH_SNAPSHOTS, "shard" => shard_index.to_string()),
             sinks,
             retry,
             mailbox_capacity,
@@ -125,7 +125,7 @@ impl SnapshotShard {
             }
             return;
         }
-        metrics::batch_closed(reason.as_str());
+        telemetry::batch_closed(reason.as_str());
         let sinks = self.sinks.clone();
         let retry = self.retry.clone();
         // Commits run as tasks of the shard's thread, not inside the actor's context:
@@ -160,7 +160,7 @@ impl SnapshotShard {
 fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> SinkError {
     let message = super::supervision::panic_message(payload);
     tracing::error!(panic = %message, "{what} panicked; its streams get UNAVAILABLE");
-    ::metrics::counter!(metrics::ACTOR_PANICS, "actor" => "shard").increment(1);
+    metrics::counter!(telemetry::ACTOR_PANICS, "actor" => "shard").increment(1);
     SinkError {
         sink: "shard",
         message: format!("{what} failed unexpectedly: {message}"),
@@ -185,11 +185,11 @@ async fn commit_batch(
     let count = batch.records.len();
     match &result {
         Ok(()) => {
-            ::metrics::counter!(metrics::SNAPSHOTS_COMMITTED).increment(count as u64);
+            metrics::counter!(telemetry::SNAPSHOTS_COMMITTED).increment(count as u64);
         }
         Err(error) => {
             tracing::error!(%error, snapshots = count, "batch not committed; its streams get UNAVAILABLE");
-            metrics::snapshots_refused("sink_unavailable", count);
+            telemetry::snapshots_refused("sink_unavailable", count);
         }
     }
     for waiter in batch.waiters {
@@ -206,7 +206,7 @@ async fn commit_to_sinks(
     for sink in sinks {
         let started = Instant::now();
         write_with_retry(sink.as_ref(), records, retry).await?;
-        metrics::batch_written(sink.name(), records.len(), started.elapsed().as_secs_f64());
+        telemetry::batch_written(sink.name(), records.len(), started.elapsed().as_secs_f64());
     }
     Ok(())
 }
@@ -241,7 +241,7 @@ impl Handler<Ingest> for SnapshotShard {
                 },
             );
             self.batch_gauge.set(0.0);
-            metrics::snapshots_refused("sink_unavailable", lost.records.len());
+            telemetry::snapshots_refused("sink_unavailable", lost.records.len());
             for waiter in lost.waiters {
                 let _ = waiter.send(Err(error.clone()));
             }

@@ -16,7 +16,7 @@ use std::panic::AssertUnwindSafe;
 
 use actix::prelude::*;
 
-use crate::metrics;
+use crate::telemetry;
 
 /// The text of a caught panic, for the one log line it gets.
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -31,7 +31,7 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 pub fn report_panic(actor: &'static str, payload: &(dyn Any + Send)) {
     let message = panic_message(payload);
     tracing::error!(actor, panic = %message, "actor panicked; restarting it");
-    ::metrics::counter!(metrics::ACTOR_PANICS, "actor" => actor).increment(1);
+    metrics::counter!(telemetry::ACTOR_PANICS, "actor" => actor).increment(1);
 }
 
 /// Runs one handler body. On a panic: reported, the actor stopped (its supervisor

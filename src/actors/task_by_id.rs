@@ -15,9 +15,9 @@ use lru::LruCache;
 
 use super::supervision::{answer_then_restart, catch_future, caught, guarded};
 use super::task_cache::TaskCreated;
-use crate::metrics;
 use crate::model::Task;
 use crate::store::{Store, StoreError};
+use crate::telemetry;
 
 #[derive(Message)]
 #[rtype(result = "Result<Option<Task>, StoreError>")]
@@ -116,7 +116,7 @@ impl Handler<LookUpTask> for TaskByIdCache {
             .into_actor(self)
             .map(|outcome, cache, ctx| {
                 let Ok((id, result)) = outcome else {
-                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => "error").increment(1);
+                    metrics::counter!(telemetry::TASK_LOOKUPS, "result" => "error").increment(1);
                     return;
                 };
                 guarded(ACTOR, cache, ctx, |cache, _ctx| {
@@ -132,7 +132,7 @@ impl Handler<LookUpTask> for TaskByIdCache {
                         }
                         Err(_) => "error",
                     };
-                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => outcome).increment(1);
+                    metrics::counter!(telemetry::TASK_LOOKUPS, "result" => outcome).increment(1);
                 });
             }),
         )
@@ -152,10 +152,10 @@ impl Handler<GetTask> for TaskByIdCache {
             return answer_then_restart(Err(panicked()));
         };
         if let Some(task) = cached {
-            metrics::cache_lookup("by_id", true);
+            telemetry::cache_lookup("by_id", true);
             return Box::pin(fut::ready(Ok(Some(task))));
         }
-        metrics::cache_lookup("by_id", false);
+        telemetry::cache_lookup("by_id", false);
         let store = self.store.clone();
         Box::pin(
             catch_future(ACTOR, async move { store.get_task(&message.id).await })
@@ -166,7 +166,7 @@ impl Handler<GetTask> for TaskByIdCache {
                         let task = task.clone();
                         guarded(ACTOR, cache, ctx, |cache, _ctx| {
                             cache.tasks.put(task.id.clone(), task);
-                            metrics::cache_size("by_id", cache.tasks.len());
+                            telemetry::cache_size("by_id", cache.tasks.len());
                         });
                     }
                     Ok(result)
@@ -185,7 +185,7 @@ impl Handler<TaskCreated> for TaskByIdCache {
             super::supervision::test_hooks::panic_if(&message.0.id);
             cache.missing.pop(&message.0.id);
             cache.tasks.put(message.0.id.clone(), message.0);
-            metrics::cache_size("by_id", cache.tasks.len());
+            telemetry::cache_size("by_id", cache.tasks.len());
         });
     }
 }

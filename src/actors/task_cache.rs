@@ -12,10 +12,10 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use super::supervision::{catch_future, guarded};
-use crate::metrics;
 use crate::model::{now_ms, Task};
 use crate::segments::SegmentCapture;
 use crate::store::{Store, StoreError};
+use crate::telemetry;
 
 struct CacheEntry {
     tasks: Vec<Task>,
@@ -164,7 +164,7 @@ impl TaskCacheActor {
     }
 
     fn publish(&self) {
-        metrics::cache_size("downstream", self.cache.len());
+        telemetry::cache_size("downstream", self.cache.len());
         self.segments.publish_tasks(self.cache.tasks());
     }
 
@@ -217,7 +217,7 @@ impl Handler<GetServiceTasks> for TaskCacheActor {
             #[cfg(test)]
             super::supervision::test_hooks::panic_if(&message.service);
             let tasks = actor.cache.get(&message.service, Instant::now(), now_ms());
-            metrics::cache_lookup("downstream", !tasks.is_empty());
+            telemetry::cache_lookup("downstream", !tasks.is_empty());
             tasks
         });
         MessageResult(tasks.unwrap_or_default())

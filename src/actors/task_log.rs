@@ -13,9 +13,9 @@ use actix::prelude::*;
 use lru::LruCache;
 
 use super::supervision::{catch_future, guarded};
-use crate::metrics;
 use crate::model::{TaskLog, TaskLogKey};
 use crate::store::{Store, StoreError};
+use crate::telemetry;
 
 /// Logs queued for the writer at most; past it the agent's command waits a poll.
 pub const MAILBOX_CAPACITY: usize = 4_096;
@@ -110,7 +110,7 @@ impl TaskLogWriter {
                 for log in logs {
                     let key = log.key();
                     self.pending_keys.remove(&key);
-                    ::metrics::counter!(metrics::TASK_LOGS_WRITTEN, "operation" => log.operation.name())
+                    metrics::counter!(telemetry::TASK_LOGS_WRITTEN, "operation" => log.operation.name())
                         .increment(1);
                     self.written.put(key, ());
                 }
@@ -141,7 +141,7 @@ impl TaskLogWriter {
             dropped = overflow,
             "task log backlog full while the store is down"
         );
-        ::metrics::counter!(metrics::TASK_LOGS_DROPPED).increment(overflow as u64);
+        metrics::counter!(telemetry::TASK_LOGS_DROPPED).increment(overflow as u64);
     }
 }
 

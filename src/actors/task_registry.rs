@@ -67,7 +67,7 @@ impl Handler<CreateTask> for TaskRegistry {
                 return Err(CreateTaskError::Invalid(OVERLAP_REASON.to_string()));
             }
             store.insert_task(&task).await?;
-            ::metrics::counter!(crate::metrics::TASKS_CREATED).increment(1);
+            metrics::counter!(crate::telemetry::TASKS_CREATED).increment(1);
             // Both caches answer before the creator hears back, so an agent polling right
             // after the 201 gets the command.
             let _ = downstream.send(TaskCreated(task.clone())).await;

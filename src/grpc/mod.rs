@@ -16,10 +16,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::config::Config;
-use crate::metrics::GRPC_UNAUTHENTICATED;
 use crate::pipeline::Handles;
 use crate::proto::compat;
 use crate::proto::v3::profile_task_server::ProfileTaskServer;
+use crate::telemetry::GRPC_UNAUTHENTICATED;
 use crate::upstream::tap::Taps;
 use crate::upstream::Passthrough;
 
@@ -88,7 +88,7 @@ fn check_token(
         if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             Ok(request)
         } else {
-            ::metrics::counter!(GRPC_UNAUTHENTICATED).increment(1);
+            metrics::counter!(GRPC_UNAUTHENTICATED).increment(1);
             Err(Status::unauthenticated(
                 "missing or wrong authentication token",
             ))

@@ -15,7 +15,6 @@ use crate::actors::task_by_id::{GetTask, LookUpTask, PeekTask, Peeked};
 use crate::actors::task_cache::GetServiceTasks;
 use crate::actors::task_log::RecordLog;
 use crate::config::Config;
-use crate::metrics;
 use crate::model::{now_ms, to_record, Operation, SnapshotRecord, Task, TaskLog};
 use crate::pipeline::Handles;
 use crate::proto::compat;
@@ -24,6 +23,7 @@ use crate::proto::v3::{
     Command, Commands, KeyStringValuePair, ProfileTaskCommandQuery, ProfileTaskFinishReport,
     ThreadSnapshot,
 };
+use crate::telemetry;
 
 /// Name of the command SkyWalking agents read profile tasks from.
 pub const PROFILE_TASK_COMMAND: &str = "ProfileTaskQuery";
@@ -36,10 +36,10 @@ pub struct ProfileService {
     /// Snapshots sent to a shard in one message at most.
     chunk_snapshots: usize,
     /// `skysnap_shard_mailbox_depth` of each shard.
-    mailbox_depth: Arc<[::metrics::Gauge]>,
+    mailbox_depth: Arc<[metrics::Gauge]>,
     /// Handles resolved once: a `counter!` lookup per snapshot shows on the hot path.
-    snapshots_received: ::metrics::Counter,
-    snapshots_unknown_task: ::metrics::Counter,
+    snapshots_received: metrics::Counter,
+    snapshots_unknown_task: metrics::Counter,
     limits: Arc<StreamLimits>,
 }
 
@@ -109,12 +109,12 @@ impl ProfileService {
         let max_stack_depth = config.grpc.max_stack_depth;
         let chunk_snapshots = config.pipeline.stream_chunk_snapshots;
         let mailbox_depth = (0..handles.shards.len())
-            .map(|shard| ::metrics::gauge!(metrics::SHARD_MAILBOX_DEPTH, "shard" => shard.to_string()))
+            .map(|shard| metrics::gauge!(telemetry::SHARD_MAILBOX_DEPTH, "shard" => shard.to_string()))
             .collect();
         ProfileService {
             mailbox_depth,
-            snapshots_received: ::metrics::counter!(metrics::SNAPSHOTS_RECEIVED),
-            snapshots_unknown_task: ::metrics::counter!(metrics::SNAPSHOTS_UNKNOWN_TASK),
+            snapshots_received: metrics::counter!(telemetry::SNAPSHOTS_RECEIVED),
+            snapshots_unknown_task: metrics::counter!(telemetry::SNAPSHOTS_UNKNOWN_TASK),
             handles,
             in_flight,
             max_stack_depth,
@@ -154,14 +154,14 @@ struct StreamGauge;
 
 impl StreamGauge {
     fn open() -> StreamGauge {
-        ::metrics::gauge!(metrics::STREAMS_ACTIVE).increment(1.0);
+        metrics::gauge!(telemetry::STREAMS_ACTIVE).increment(1.0);
         StreamGauge
     }
 }
 
 impl Drop for StreamGauge {
     fn drop(&mut self) {
-        ::metrics::gauge!(metrics::STREAMS_ACTIVE).decrement(1.0);
+        metrics::gauge!(telemetry::STREAMS_ACTIVE).decrement(1.0);
     }
 }
 
@@ -191,11 +191,11 @@ impl ProfileService {
             // agent without its log; NOTIFIED is idempotent.
             let log = TaskLog::new(task, &query.service_instance, Operation::Notified, now);
             if self.handles.task_log.try_send(RecordLog(log)).is_err() {
-                ::metrics::counter!(metrics::TASKS_NOTIFY_DEFERRED).increment(1);
+                metrics::counter!(telemetry::TASKS_NOTIFY_DEFERRED).increment(1);
                 continue;
             }
             commands.push(task_command(task));
-            ::metrics::counter!(metrics::TASKS_NOTIFIED).increment(1);
+            metrics::counter!(telemetry::TASKS_NOTIFIED).increment(1);
         }
         Ok(Commands { commands })
     }
@@ -203,8 +203,8 @@ impl ProfileService {
     async fn collect(&self, stream: Streaming<ThreadSnapshot>) -> Result<Commands, Status> {
         let _call = self.in_flight.enter();
         let Ok(_stream_permit) = self.limits.streams.clone().try_acquire_owned() else {
-            ::metrics::counter!(metrics::STREAMS_REFUSED, "reason" => "streams").increment(1);
-            ::metrics::counter!(metrics::STREAMS_FAILED, "code" => "resource_exhausted")
+            metrics::counter!(telemetry::STREAMS_REFUSED, "reason" => "streams").increment(1);
+            metrics::counter!(telemetry::STREAMS_FAILED, "code" => "resource_exhausted")
                 .increment(1);
             return Err(Status::resource_exhausted(format!(
                 "too many snapshot streams open at once (grpc.max_snapshot_streams = {}); \
@@ -243,7 +243,7 @@ impl ProfileService {
                 let record = match to_record(snapshot, self.max_stack_depth) {
                     Ok(record) => record,
                     Err(reason) => {
-                        metrics::snapshot_rejected(reason);
+                        telemetry::snapshot_rejected(reason);
                         continue;
                     }
                 };
@@ -278,8 +278,8 @@ impl ProfileService {
                 match room {
                     Ok(Ok(permit)) => byte_permits.push(permit),
                     _ => {
-                        metrics::snapshots_refused("overloaded", count);
-                        ::metrics::counter!(metrics::STREAMS_REFUSED, "reason" => "bytes")
+                        telemetry::snapshots_refused("overloaded", count);
+                        metrics::counter!(telemetry::STREAMS_REFUSED, "reason" => "bytes")
                             .increment(1);
                         leftover_reason = "overloaded";
                         stream_error.get_or_insert(Status::resource_exhausted(format!(
@@ -298,7 +298,7 @@ impl ProfileService {
                 match sent {
                     Ok(receipt) => receipts.push(receipt),
                     Err(error) => {
-                        metrics::snapshots_refused("shutting_down", count);
+                        telemetry::snapshots_refused("shutting_down", count);
                         leftover_reason = "shutting_down";
                         stream_error.get_or_insert(status::from_mailbox(&error));
                         break 'read;
@@ -310,7 +310,7 @@ impl ProfileService {
         // stopped) are counted, so that received = committed + rejected + refused.
         let leftover: usize = by_shard.iter().map(Vec::len).sum();
         if leftover > 0 {
-            metrics::snapshots_refused(leftover_reason, leftover);
+            telemetry::snapshots_refused(leftover_reason, leftover);
         }
         // Every handed-over snapshot is committed (or failed) before the stream is
         // answered, also when the stream itself broke.
@@ -329,7 +329,7 @@ impl ProfileService {
         }
         drop(byte_permits);
         if let Some(error) = stream_error.or(commit_error) {
-            ::metrics::counter!(metrics::STREAMS_FAILED, "code" => code_label(error.code()))
+            metrics::counter!(telemetry::STREAMS_FAILED, "code" => code_label(error.code()))
                 .increment(1);
             return Err(error);
         }
@@ -365,7 +365,7 @@ impl ProfileService {
                         })
                         .is_ok();
                 if !looked_up {
-                    ::metrics::counter!(metrics::TASK_LOOKUPS, "result" => "skipped").increment(1);
+                    metrics::counter!(telemetry::TASK_LOOKUPS, "result" => "skipped").increment(1);
                 }
                 false
             }
@@ -389,7 +389,7 @@ impl ProfileService {
             .map_err(|error| status::from_store(&error))?;
         let Some(task) = task else {
             tracing::info!(task_id = %report.task_id, "finish report for an unknown task");
-            ::metrics::counter!(metrics::TASK_FINISH_UNKNOWN).increment(1);
+            metrics::counter!(telemetry::TASK_FINISH_UNKNOWN).increment(1);
             return Ok(Commands::default());
         };
         let log = TaskLog::new(
@@ -409,7 +409,7 @@ impl ProfileService {
 
 /// A broken stream (bad protobuf, oversized message): the client's fault, said so.
 fn decode_failure(error: Status) -> Status {
-    metrics::snapshot_rejected("malformed");
+    telemetry::snapshot_rejected("malformed");
     match error.code() {
         tonic::Code::Internal | tonic::Code::Unknown => Status::invalid_argument(format!(
             "malformed ThreadSnapshot stream: {}",

@@ -32,7 +32,7 @@ impl TimeoutStore {
         match tokio::time::timeout(self.limit, future).await {
             Ok(result) => result,
             Err(_) => {
-                metrics::counter!(crate::metrics::STORE_TIMEOUTS, "store" => self.inner.kind(), "call" => call)
+                metrics::counter!(crate::telemetry::STORE_TIMEOUTS, "store" => self.inner.kind(), "call" => call)
                     .increment(1);
                 Err(StoreError::Unavailable(format!(
                     "{}: {call} got no answer within {} ms (store.timeout_ms)",

@@ -31,7 +31,7 @@ use tower::ServiceExt;
 
 use crate::config::UpstreamConfig;
 use crate::grpc::{InFlight, InFlightGuard, AUTH_METADATA_KEY};
-use crate::metrics::{
+use crate::telemetry::{
     DISCARDED_MESSAGES, UPSTREAM_BYTES, UPSTREAM_CALLS, UPSTREAM_LATENCY, UPSTREAM_MESSAGES,
     UPSTREAM_REFUSED,
 };

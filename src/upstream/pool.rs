@@ -11,7 +11,7 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::UpstreamConfig;
-use crate::metrics::UPSTREAM_CHANNEL_UP;
+use crate::telemetry::UPSTREAM_CHANNEL_UP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamConfigError {

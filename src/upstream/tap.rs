@@ -11,10 +11,10 @@ use prost::Message as _;
 use super::frames::Message;
 use super::routes::Tap;
 use crate::actors::instances::{Heartbeat, InstanceRegistry};
-use crate::metrics::TAP_ERRORS;
 use crate::model::now_ms;
 use crate::proto::v3::{InstancePingPkg, InstanceProperties};
 use crate::segments::SegmentCapture;
+use crate::telemetry::TAP_ERRORS;
 
 /// `SegmentCollection` with its segments left as bytes, so each is read like a
 /// `collect` message.

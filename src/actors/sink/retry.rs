@@ -8,8 +8,8 @@ use tokio::time::Instant;
 
 use super::{SinkError, SnapshotSink};
 use crate::config::SinkConfig;
-use crate::metrics;
 use crate::model::SnapshotRecord;
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -69,7 +69,7 @@ pub async fn write_with_retry(
                 retriable: true,
             },
         };
-        metrics::sink_error(sink.name(), error.retriable);
+        telemetry::sink_error(sink.name(), error.retriable);
         if !error.retriable || attempt >= policy.max_attempts {
             return Err(error);
         }
@@ -78,7 +78,7 @@ pub async fn write_with_retry(
             return Err(error);
         }
         tracing::warn!(sink = sink.name(), attempt, ?delay, %error, "retrying batch");
-        metrics::sink_retry(sink.name());
+        telemetry::sink_retry(sink.name());
         tokio::time::sleep(delay).await;
     }
 }

@@ -481,7 +481,7 @@ mod tests {
     fn test_metrics_every_series_carries_the_role() {
         let recorder = builder(Role::Consumer).unwrap().build_recorder();
         let handle = recorder.handle();
-        ::metrics::with_local_recorder(&recorder, || {
+        metrics::with_local_recorder(&recorder, || {
             counter!(SNAPSHOTS_COMMITTED).increment(3);
             batch_written("sqlite", 3, 0.01);
         });

@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value = "skysnap_raw")]
     database: String,
     /// Rows per INSERT (skysnap's pipeline.batch_max_snapshots).
-    #[arg(long, default_value_t = PipelineConfig::default().batch_max_snapshots)]
+    #[arg(long, default_value_t = PipelineConfig::default().batch_max_snapshots.get())]
     batch: usize,
     /// Frames per stack.
     #[arg(long, default_value_t = 40)]
@@ -167,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
         create_schema: true,
         ..ClickHouseConfig::default()
     };
-    let store = ClickHouseStore::connect(&store_config, RetentionConfig::default().days)
+    let store = ClickHouseStore::connect(&store_config, RetentionConfig::default().days.get())
         .await
         .with_context(|| format!("cannot set up {} at {}", args.database, args.url))?;
     let version = store.version();

@@ -3,6 +3,7 @@
 //! below and nowhere else; `config/skysnap.yaml` documents every key.
 
 use std::net::SocketAddr;
+use std::num::NonZero;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,18 +60,18 @@ pub struct GrpcConfig {
     /// Largest gRPC message accepted, in bytes; larger ones are refused.
     pub max_message_bytes: usize,
     /// Deepest stack accepted in a snapshot, in frames; deeper snapshots are rejected.
-    pub max_stack_depth: usize,
+    pub max_stack_depth: NonZero<usize>,
     /// Concurrent HTTP/2 streams per agent connection.
     pub max_concurrent_streams: u32,
     /// `collectSnapshot` streams open at once over all agents; more are refused
     /// RESOURCE_EXHAUSTED at once (the agent retries with its next batch).
-    pub max_snapshot_streams: usize,
+    pub max_snapshot_streams: NonZero<usize>,
     /// Bytes of snapshots handed to the shards and not yet committed, over all streams.
     /// A stream that would pass it waits up to `snapshot_bytes_wait_ms` for room, then
     /// ends RESOURCE_EXHAUSTED (what it handed over before is still committed).
     pub max_snapshot_bytes_in_flight: usize,
     /// Milliseconds a stream waits for room under `max_snapshot_bytes_in_flight`.
-    pub snapshot_bytes_wait_ms: u64,
+    pub snapshot_bytes_wait_ms: NonZero<u64>,
     /// PEM certificate chain; with `tls_key_path` it turns TLS on for gRPC.
     pub tls_cert_path: Option<PathBuf>,
     /// PEM private key for `tls_cert_path`.
@@ -82,11 +83,11 @@ impl Default for GrpcConfig {
         GrpcConfig {
             addr: "0.0.0.0:11800".parse().expect("valid default address"),
             max_message_bytes: 4 * 1024 * 1024,
-            max_stack_depth: 2000,
+            max_stack_depth: NonZero::new(2000).expect("a default above zero"),
             max_concurrent_streams: 1024,
-            max_snapshot_streams: 4_096,
+            max_snapshot_streams: NonZero::new(4_096).expect("a default above zero"),
             max_snapshot_bytes_in_flight: 256 * 1024 * 1024,
-            snapshot_bytes_wait_ms: 5_000,
+            snapshot_bytes_wait_ms: NonZero::new(5_000).expect("a default above zero"),
             tls_cert_path: None,
             tls_key_path: None,
         }
@@ -143,14 +144,14 @@ pub struct StoreConfig {
     /// that accepts connections and never answers must not hold a shard, a cache or an
     /// API request. Above the longest honest call (a flame graph's store query streams
     /// and is bounded per item, not in total).
-    pub timeout_ms: u64,
+    pub timeout_ms: NonZero<u64>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             kind: StoreKind::default(),
-            timeout_ms: 10_000,
+            timeout_ms: NonZero::new(10_000).expect("a default above zero"),
         }
     }
 }
@@ -161,7 +162,7 @@ pub struct SqliteConfig {
     /// Database file; its folder is created when missing.
     pub path: PathBuf,
     /// Connections kept open for API reads (writes use one connection of their own).
-    pub read_connections: usize,
+    pub read_connections: NonZero<usize>,
     /// Milliseconds a call waits for a lock held by another process before it fails
     /// (retriably, so batches are retried within the sink budget).
     pub busy_timeout_ms: u64,
@@ -199,7 +200,7 @@ impl Default for SqliteConfig {
     fn default() -> Self {
         SqliteConfig {
             path: PathBuf::from("./data/skysnap.db"),
-            read_connections: 4,
+            read_connections: NonZero::new(4).expect("a default above zero"),
             busy_timeout_ms: 5_000,
             synchronous: SqliteSynchronous::Normal,
         }
@@ -248,7 +249,7 @@ pub struct KafkaConfig {
     /// to the others (librdkafka's `session.timeout.ms`).
     pub session_timeout_ms: u64,
     /// Snapshots `skysnap consume` commits to the store at once at most.
-    pub consume_batch_snapshots: usize,
+    pub consume_batch_snapshots: NonZero<usize>,
     /// Milliseconds `skysnap consume` waits to fill a batch before committing it.
     pub consume_batch_wait_ms: u64,
     /// Topic where `skysnap consume` puts what it cannot store — a value that is no
@@ -269,7 +270,7 @@ impl Default for KafkaConfig {
             message_timeout_ms: 10_000,
             linger_ms: 5,
             session_timeout_ms: 45_000,
-            consume_batch_snapshots: 2_000,
+            consume_batch_snapshots: NonZero::new(2_000).expect("a default above zero"),
             consume_batch_wait_ms: 200,
             dlq_topic: String::new(),
             properties: std::collections::BTreeMap::new(),
@@ -297,17 +298,17 @@ pub struct PipelineConfig {
     /// Snapshot shard actors, each on its own thread; 0 = one per CPU core.
     pub shards: usize,
     /// A shard's batch closes at this many snapshots.
-    pub batch_max_snapshots: usize,
+    pub batch_max_snapshots: NonZero<usize>,
     /// A shard's batch closes at this many bytes of snapshot data.
-    pub batch_max_bytes: usize,
+    pub batch_max_bytes: NonZero<usize>,
     /// A shard's batch closes this many milliseconds after its first snapshot.
-    pub batch_flush_interval_ms: u64,
+    pub batch_flush_interval_ms: NonZero<u64>,
     /// Messages a shard's mailbox holds before senders wait (backpressure).
-    pub shard_mailbox_capacity: usize,
+    pub shard_mailbox_capacity: NonZero<usize>,
     /// Snapshots a stream handler hands to a shard in one message at most.
-    pub stream_chunk_snapshots: usize,
+    pub stream_chunk_snapshots: NonZero<usize>,
     /// Closed batches of one shard that commit at once while the shard fills the next.
-    pub shard_commits_in_flight: usize,
+    pub shard_commits_in_flight: NonZero<usize>,
 }
 
 impl Default for PipelineConfig {
@@ -317,15 +318,15 @@ impl Default for PipelineConfig {
             shards: 0,
             // One SQLite transaction per 2,000 rows amortises the commit; at 40 frames a
             // snapshot that is ~3 MB, under the byte limit.
-            batch_max_snapshots: 2_000,
-            batch_max_bytes: 8 * 1024 * 1024,
+            batch_max_snapshots: NonZero::new(2_000).expect("a default above zero"),
+            batch_max_bytes: NonZero::new(8 * 1024 * 1024).expect("a default above zero"),
             // Agents send a stream every 500 ms; 200 ms keeps an ack within ~half of that.
-            batch_flush_interval_ms: 200,
-            shard_mailbox_capacity: 16,
-            stream_chunk_snapshots: 256,
+            batch_flush_interval_ms: NonZero::new(200).expect("a default above zero"),
+            shard_mailbox_capacity: NonZero::new(16).expect("a default above zero"),
+            stream_chunk_snapshots: NonZero::new(256).expect("a default above zero"),
             // One batch committing while the next fills kept the streams from stalling
             // on each commit (docs/PERFORMANCE.md); more only queues at the store.
-            shard_commits_in_flight: 2,
+            shard_commits_in_flight: NonZero::new(2).expect("a default above zero"),
         }
     }
 }
@@ -334,7 +335,7 @@ impl Default for PipelineConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SinkConfig {
     /// Attempts per batch before its streams are answered `UNAVAILABLE`.
-    pub retry_max_attempts: u32,
+    pub retry_max_attempts: NonZero<u32>,
     /// First back-off in milliseconds; doubles each attempt, with jitter.
     pub retry_initial_backoff_ms: u64,
     /// Largest back-off in milliseconds.
@@ -344,17 +345,17 @@ pub struct SinkConfig {
     /// Milliseconds one write attempt may take; past it the attempt counts as a retriable
     /// failure. With the budget it bounds a batch at budget + one attempt (15 s by
     /// default), under the 30 s SkyWalking agents give a stream.
-    pub attempt_timeout_ms: u64,
+    pub attempt_timeout_ms: NonZero<u64>,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
-            retry_max_attempts: 8,
+            retry_max_attempts: NonZero::new(8).expect("a default above zero"),
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 2_000,
             retry_budget_ms: 10_000,
-            attempt_timeout_ms: 5_000,
+            attempt_timeout_ms: NonZero::new(5_000).expect("a default above zero"),
         }
     }
 }
@@ -363,15 +364,15 @@ impl Default for SinkConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TasksConfig {
     /// How often the downstream cache reloads running tasks from the store, in ms.
-    pub cache_refresh_interval_ms: u64,
+    pub cache_refresh_interval_ms: NonZero<u64>,
     /// A service's entry expires this many ms after its last write.
     pub cache_expire_ms: u64,
     /// Services the downstream cache holds at most.
-    pub cache_max_services: usize,
+    pub cache_max_services: NonZero<usize>,
     /// Tasks the by-id cache holds at most.
-    pub by_id_cache_size: usize,
+    pub by_id_cache_size: NonZero<usize>,
     /// How often pending task logs are written, in ms.
-    pub log_flush_interval_ms: u64,
+    pub log_flush_interval_ms: NonZero<u64>,
     /// Log keys remembered to skip re-writing a NOTIFIED the store already has.
     pub log_dedup_capacity: usize,
     /// Store reads per second, at most, for task ids of snapshots no cache knows (they
@@ -383,11 +384,11 @@ pub struct TasksConfig {
 impl Default for TasksConfig {
     fn default() -> Self {
         TasksConfig {
-            cache_refresh_interval_ms: 10_000,
+            cache_refresh_interval_ms: NonZero::new(10_000).expect("a default above zero"),
             cache_expire_ms: 60_000,
-            cache_max_services: 10_000,
-            by_id_cache_size: 10_000,
-            log_flush_interval_ms: 100,
+            cache_max_services: NonZero::new(10_000).expect("a default above zero"),
+            by_id_cache_size: NonZero::new(10_000).expect("a default above zero"),
+            log_flush_interval_ms: NonZero::new(100).expect("a default above zero"),
             log_dedup_capacity: 100_000,
             unknown_lookups_per_second: 20,
         }
@@ -426,16 +427,16 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// Days records are kept, by time bucket.
-    pub days: u32,
+    pub days: NonZero<u32>,
     /// How often expired records are looked for, in ms.
-    pub check_interval_ms: u64,
+    pub check_interval_ms: NonZero<u64>,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
-            days: 3,
-            check_interval_ms: 600_000,
+            days: NonZero::new(3).expect("a default above zero"),
+            check_interval_ms: NonZero::new(600_000).expect("a default above zero"),
         }
     }
 }
@@ -458,21 +459,21 @@ impl Default for ShutdownConfig {
 pub struct AnalysisConfig {
     /// Most snapshots one stack-tree analysis reads (SkyWalking's
     /// `maxThreadSnapshotAnalyzeSize`); past it the answer says so in its tip.
-    pub max_snapshots: usize,
+    pub max_snapshots: NonZero<usize>,
     /// Most nodes one flame graph holds; past it the rest of a stack is cut and counted
     /// in the root's `truncated_samples`, so memory stays bounded.
     pub max_flamegraph_nodes: usize,
     /// Analysis, flame-graph and diff answers computed at once; more wait up to 10 s,
     /// then get 503. Bounds the CPU, memory and blocking threads they take together.
-    pub max_concurrent_requests: usize,
+    pub max_concurrent_requests: NonZero<usize>,
 }
 
 impl Default for AnalysisConfig {
     fn default() -> Self {
         AnalysisConfig {
-            max_snapshots: 12_000,
+            max_snapshots: NonZero::new(12_000).expect("a default above zero"),
             max_flamegraph_nodes: 200_000,
-            max_concurrent_requests: 4,
+            max_concurrent_requests: NonZero::new(4).expect("a default above zero"),
         }
     }
 }
@@ -498,17 +499,17 @@ pub struct UpstreamConfig {
     /// Name checked against the upstream's certificate; unset, the address's host.
     pub tls_domain: Option<String>,
     /// Milliseconds to open a connection to an upstream before the call fails UNAVAILABLE.
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: NonZero<u64>,
     /// Milliseconds a forwarded call may wait on the upstream: for it to take request
     /// data it is offered, and, once the agent has sent everything, between reply frames.
     /// Past it the call ends DEADLINE_EXCEEDED and the upstream is marked down.
-    pub timeout_ms: u64,
+    pub timeout_ms: NonZero<u64>,
     /// Forwarded calls in flight at once; more are refused RESOURCE_EXHAUSTED at once, so
     /// a stalled upstream holds at most this many of the gRPC server's streams. A Python
     /// agent keeps three streams open for good (segments, logs, meters).
-    pub max_concurrent_calls: usize,
+    pub max_concurrent_calls: NonZero<usize>,
     /// Milliseconds between attempts to reconnect to an upstream marked down.
-    pub retry_backoff_ms: u64,
+    pub retry_backoff_ms: NonZero<u64>,
 }
 
 impl Default for UpstreamConfig {
@@ -521,10 +522,10 @@ impl Default for UpstreamConfig {
             tls_cert_path: None,
             tls_key_path: None,
             tls_domain: None,
-            connect_timeout_ms: 1_000,
-            timeout_ms: 5_000,
-            max_concurrent_calls: 8_192,
-            retry_backoff_ms: 1_000,
+            connect_timeout_ms: NonZero::new(1_000).expect("a default above zero"),
+            timeout_ms: NonZero::new(5_000).expect("a default above zero"),
+            max_concurrent_calls: NonZero::new(8_192).expect("a default above zero"),
+            retry_backoff_ms: NonZero::new(1_000).expect("a default above zero"),
         }
     }
 }
@@ -534,24 +535,24 @@ impl Default for UpstreamConfig {
 pub struct SegmentsConfig {
     /// Segment ids with snapshots remembered in memory (the most recent ones), so that a
     /// passing trace segment is matched without a store look-up.
-    pub index_capacity: usize,
+    pub index_capacity: NonZero<usize>,
     /// Trace segments that may belong to a profile task (their service and endpoint have
     /// one) but arrived before any snapshot of theirs, held for a second look.
     pub pending_max_segments: usize,
     /// Milliseconds such a segment waits before it is looked up again (in memory, then in
     /// the store); not found then, it is dropped and counted.
-    pub pending_delay_ms: u64,
+    pub pending_delay_ms: NonZero<u64>,
     /// Most spans kept of one segment (the first ones); the rest are counted.
-    pub max_spans: usize,
+    pub max_spans: NonZero<usize>,
 }
 
 impl Default for SegmentsConfig {
     fn default() -> Self {
         SegmentsConfig {
-            index_capacity: 100_000,
+            index_capacity: NonZero::new(100_000).expect("a default above zero"),
             pending_max_segments: 10_000,
-            pending_delay_ms: 5_000,
-            max_spans: 2_000,
+            pending_delay_ms: NonZero::new(5_000).expect("a default above zero"),
+            max_spans: NonZero::new(2_000).expect("a default above zero"),
         }
     }
 }
@@ -592,11 +593,19 @@ impl Config {
             None => Value::Mapping(Mapping::new()),
         };
         apply_env(&mut tree, env)?;
-        let config: Config =
-            serde_path_to_error::deserialize(tree).map_err(|error| ConfigError::Invalid {
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|error| {
+            let message = error.inner().to_string();
+            // Counts, sizes and intervals are `NonZero`: say it in the reader's words.
+            let message = if message.contains("expected a nonzero") {
+                "must be greater than zero".to_string()
+            } else {
+                message
+            };
+            ConfigError::Invalid {
                 key: error.path().to_string(),
-                message: error.inner().to_string(),
-            })?;
+                message,
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -617,68 +626,11 @@ impl Config {
                 "must be at least grpc.max_message_bytes (one message must fit)",
             );
         }
-        if self.grpc.max_stack_depth == 0 {
-            return invalid("grpc.max_stack_depth", "must be greater than zero");
-        }
         if self.grpc.tls_cert_path.is_some() != self.grpc.tls_key_path.is_some() {
             return invalid(
                 "grpc.tls_cert_path",
                 "grpc.tls_cert_path and grpc.tls_key_path must be set together",
             );
-        }
-        if self.pipeline.batch_max_snapshots == 0 {
-            return invalid("pipeline.batch_max_snapshots", "must be greater than zero");
-        }
-        if self.pipeline.batch_max_bytes == 0 {
-            return invalid("pipeline.batch_max_bytes", "must be greater than zero");
-        }
-        if self.pipeline.batch_flush_interval_ms == 0 {
-            return invalid(
-                "pipeline.batch_flush_interval_ms",
-                "must be greater than zero",
-            );
-        }
-        if self.pipeline.shard_mailbox_capacity == 0 {
-            return invalid(
-                "pipeline.shard_mailbox_capacity",
-                "must be greater than zero",
-            );
-        }
-        if self.pipeline.stream_chunk_snapshots == 0 {
-            return invalid(
-                "pipeline.stream_chunk_snapshots",
-                "must be greater than zero",
-            );
-        }
-        if self.pipeline.shard_commits_in_flight == 0 {
-            return invalid(
-                "pipeline.shard_commits_in_flight",
-                "must be greater than zero",
-            );
-        }
-        if self.sink.retry_max_attempts == 0 {
-            return invalid("sink.retry_max_attempts", "must be at least 1");
-        }
-        if self.tasks.cache_refresh_interval_ms == 0 {
-            return invalid(
-                "tasks.cache_refresh_interval_ms",
-                "must be greater than zero",
-            );
-        }
-        if self.tasks.cache_max_services == 0 {
-            return invalid("tasks.cache_max_services", "must be greater than zero");
-        }
-        if self.tasks.by_id_cache_size == 0 {
-            return invalid("tasks.by_id_cache_size", "must be greater than zero");
-        }
-        if self.tasks.log_flush_interval_ms == 0 {
-            return invalid("tasks.log_flush_interval_ms", "must be greater than zero");
-        }
-        if self.sqlite.read_connections == 0 {
-            return invalid("sqlite.read_connections", "must be greater than zero");
-        }
-        if self.retention.days == 0 {
-            return invalid("retention.days", "must be at least 1");
         }
         if self.auth.agent_token.as_deref() == Some("") {
             return invalid(
@@ -691,9 +643,6 @@ impl Config {
                 "auth.admin_token",
                 "must not be empty (leave it unset for no token)",
             );
-        }
-        if self.retention.check_interval_ms == 0 {
-            return invalid("retention.check_interval_ms", "must be greater than zero");
         }
         if self.clickhouse.database.is_empty()
             || !self
@@ -714,15 +663,6 @@ impl Config {
             return invalid(
                 "kafka.brokers",
                 "pipeline.mode discard writes nowhere; leave kafka.brokers empty",
-            );
-        }
-        if self.analysis.max_snapshots == 0 {
-            return invalid("analysis.max_snapshots", "must be greater than zero");
-        }
-        if self.analysis.max_concurrent_requests == 0 {
-            return invalid(
-                "analysis.max_concurrent_requests",
-                "must be greater than zero",
             );
         }
         if self.analysis.max_flamegraph_nodes < 2 {
@@ -759,43 +699,8 @@ impl Config {
                 "TLS files are set but upstream.tls is false",
             );
         }
-        for (key, value) in [
-            (
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            ),
-            ("upstream.timeout_ms", self.upstream.timeout_ms),
-            ("upstream.retry_backoff_ms", self.upstream.retry_backoff_ms),
-            ("store.timeout_ms", self.store.timeout_ms),
-            (
-                "grpc.snapshot_bytes_wait_ms",
-                self.grpc.snapshot_bytes_wait_ms,
-            ),
-            ("sink.attempt_timeout_ms", self.sink.attempt_timeout_ms),
-            ("segments.pending_delay_ms", self.segments.pending_delay_ms),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be greater than zero");
-            }
-        }
-        for (key, value) in [
-            (
-                "upstream.max_concurrent_calls",
-                self.upstream.max_concurrent_calls,
-            ),
-            ("segments.index_capacity", self.segments.index_capacity),
-            ("grpc.max_snapshot_streams", self.grpc.max_snapshot_streams),
-            ("segments.max_spans", self.segments.max_spans),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be greater than zero");
-            }
-        }
         if self.kafka.topic.is_empty() {
             return invalid("kafka.topic", "must not be empty");
-        }
-        if self.kafka.consume_batch_snapshots == 0 {
-            return invalid("kafka.consume_batch_snapshots", "must be greater than zero");
         }
         if self.kafka.dlq_topic.trim() == self.kafka.topic.trim() {
             // A dead letter would be read again, refused again, and sent round forever.
@@ -925,7 +830,7 @@ mod tests {
         assert_eq!(config.metrics.addr.to_string(), "0.0.0.0:1234");
         assert_eq!(config.sqlite.path, PathBuf::from("./data/skysnap.db"));
         assert_eq!(config.kafka.topic, "skywalking-profilings");
-        assert_eq!(config.retention.days, 3);
+        assert_eq!(config.retention.days.get(), 3);
         assert_eq!(config.shutdown.grace_ms, 20_000);
     }
 
@@ -957,7 +862,7 @@ mod tests {
         assert_eq!(config.grpc.addr.to_string(), "127.0.0.1:2");
         assert_eq!(config.auth.agent_token.as_deref(), Some("123"));
         assert_eq!(config.shutdown.grace_ms, 500);
-        assert_eq!(config.retention.days, 5);
+        assert_eq!(config.retention.days.get(), 5);
     }
 
     #[test]
@@ -993,6 +898,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("pipeline.batch_max_snapshots"), "{error}");
+        assert!(error.contains("must be greater than zero"), "{error}");
 
         let error = Config::load_with_env(
             None,

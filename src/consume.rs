@@ -345,7 +345,7 @@ async fn consume_loop(
         let mut batch = Batch::default();
         let mut deadline_opt: Option<Instant> = None;
         // Invalid messages count too: a flood of them must not grow one batch unbounded.
-        while batch.messages() < max_snapshots {
+        while batch.messages() < max_snapshots.get() {
             let timeout = deadline_opt.map(|deadline| tokio::time::sleep_until(deadline));
             let received = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => None,
@@ -377,7 +377,7 @@ async fn consume_loop(
                 key_opt: message.key().map(<[u8]>::to_vec),
                 payload_opt: message.payload().map(<[u8]>::to_vec),
             };
-            match decode_value(message.payload(), config.grpc.max_stack_depth) {
+            match decode_value(message.payload(), config.grpc.max_stack_depth.get()) {
                 Ok(record) => {
                     batch.records.push(record);
                     batch.origins.push(origin);

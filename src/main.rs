@@ -357,7 +357,11 @@ fn schema(args: SchemaArgs) -> anyhow::Result<()> {
     };
     print!(
         "{}",
-        schema::render(version, &config.clickhouse.database, config.retention.days)
+        schema::render(
+            version,
+            &config.clickhouse.database,
+            config.retention.days.get()
+        )
     );
     Ok(())
 }

@@ -59,10 +59,10 @@ impl Pipeline {
         }
         let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(sinks);
         let limits = BatchLimits {
-            max_snapshots: config.pipeline.batch_max_snapshots,
-            max_bytes: config.pipeline.batch_max_bytes,
-            flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms),
-            max_commits_in_flight: config.pipeline.shard_commits_in_flight,
+            max_snapshots: config.pipeline.batch_max_snapshots.get(),
+            max_bytes: config.pipeline.batch_max_bytes.get(),
+            flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms.get()),
+            max_commits_in_flight: config.pipeline.shard_commits_in_flight.get(),
         };
         let retry = RetryPolicy::from_config(&config.sink);
         let shard_sinks = sinks.clone();
@@ -74,7 +74,7 @@ impl Pipeline {
             let capacity = config.pipeline.shard_mailbox_capacity;
             shards.push(SnapshotShard::start_in_arbiter(
                 &arbiter.handle(),
-                move |_ctx| SnapshotShard::new(shard_index, sinks, limits, retry, capacity),
+                move |_ctx| SnapshotShard::new(shard_index, sinks, limits, retry, capacity.get()),
             ));
             arbiters.push(arbiter);
         }
@@ -89,23 +89,23 @@ impl Pipeline {
         let task_cache = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskCacheActor::new(
                 cache_store,
-                Duration::from_millis(tasks.cache_refresh_interval_ms),
+                Duration::from_millis(tasks.cache_refresh_interval_ms.get()),
                 Duration::from_millis(tasks.cache_expire_ms),
-                tasks.cache_max_services,
+                tasks.cache_max_services.get(),
                 cache_segments,
             )
         });
         let by_id_store = store.clone();
         let by_id_size = config.tasks.by_id_cache_size;
         let by_id = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
-            TaskByIdCache::new(by_id_store, by_id_size)
+            TaskByIdCache::new(by_id_store, by_id_size.get())
         });
         let log_store = store.clone();
         let tasks = config.tasks.clone();
         let task_log = Supervisor::start_in_arbiter(&control.handle(), move |_ctx| {
             TaskLogWriter::new(
                 log_store,
-                Duration::from_millis(tasks.log_flush_interval_ms),
+                Duration::from_millis(tasks.log_flush_interval_ms.get()),
                 tasks.log_dedup_capacity,
             )
         });
@@ -126,8 +126,8 @@ impl Pipeline {
         let retention = RetentionActor::start_in_arbiter(&control.handle(), move |_ctx| {
             RetentionActor::new(
                 retention_store,
-                retention_config.days,
-                Duration::from_millis(retention_config.check_interval_ms),
+                retention_config.days.get(),
+                Duration::from_millis(retention_config.check_interval_ms.get()),
             )
         });
         arbiters.push(control);

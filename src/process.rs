@@ -14,7 +14,7 @@ use crate::store::Store;
 
 /// Opens the configured store, every call of it bounded by `store.timeout_ms`.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let limit = Duration::from_millis(config.store.timeout_ms);
+    let limit = Duration::from_millis(config.store.timeout_ms.get());
     let store = open_unbounded_store(config, limit).await?;
     Ok(crate::store::timeout::TimeoutStore::wrap(store, limit))
 }
@@ -27,7 +27,7 @@ async fn open_unbounded_store(config: &Config, limit: Duration) -> anyhow::Resul
             let busy_timeout = Duration::from_millis(config.sqlite.busy_timeout_ms);
             let synchronous = config.sqlite.synchronous;
             let store = tokio::task::spawn_blocking(move || {
-                SqliteStore::open_with(&path, readers, busy_timeout, synchronous)
+                SqliteStore::open_with(&path, readers.get(), busy_timeout, synchronous)
             })
             .await?
             .with_context(|| format!("cannot open sqlite.path {}", config.sqlite.path.display()))?;
@@ -38,7 +38,7 @@ async fn open_unbounded_store(config: &Config, limit: Duration) -> anyhow::Resul
             // Start-up reads the version and may create the schema (many statements):
             // bounded too, but not by one call's limit.
             let startup_limit = limit.max(Duration::from_secs(30));
-            let connect = ClickHouseStore::connect(&config.clickhouse, config.retention.days);
+            let connect = ClickHouseStore::connect(&config.clickhouse, config.retention.days.get());
             let store = tokio::time::timeout(startup_limit, connect)
                 .await
                 .map_err(|_| {

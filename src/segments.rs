@@ -13,7 +13,6 @@
 //! writer task batches into the store. What is dropped is counted.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -87,13 +86,13 @@ impl SegmentCapture {
     /// The handle and the writer; the caller spawns [`SegmentWriter::run`].
     pub fn new(config: &SegmentsConfig, store: Arc<dyn Store>) -> (SegmentCapture, SegmentWriter) {
         let (queue, offers) = mpsc::channel(QUEUE_CAPACITY);
-        let capacity = NonZeroUsize::new(config.index_capacity).unwrap_or(NonZeroUsize::MIN);
+        let capacity = config.index_capacity;
         let capture = SegmentCapture {
             inner: Arc::new(Inner {
                 index: Mutex::new(lru::LruCache::new(capacity)),
                 windows: RwLock::new(Arc::new(HashMap::new())),
                 queue,
-                max_spans: config.max_spans,
+                max_spans: config.max_spans.get(),
             }),
         };
         let writer = SegmentWriter {
@@ -102,7 +101,7 @@ impl SegmentCapture {
             offers,
             pending: VecDeque::new(),
             pending_max: config.pending_max_segments,
-            pending_delay: Duration::from_millis(config.pending_delay_ms),
+            pending_delay: Duration::from_millis(config.pending_delay_ms.get()),
         };
         (capture, writer)
     }

@@ -73,7 +73,7 @@ async fn serve(config: Config) -> anyhow::Result<bool> {
         max_snapshots_per_response: config.http.max_snapshots_per_response,
         analysis: config.analysis.clone(),
         analysis_permits: Arc::new(tokio::sync::Semaphore::new(
-            config.analysis.max_concurrent_requests,
+            config.analysis.max_concurrent_requests.get(),
         )),
     };
     let http_task = tokio::spawn(http::serve(http_listener, state, stopped(stop.clone())));

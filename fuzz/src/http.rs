@@ -257,7 +257,7 @@ impl HttpHarness {
                 max_snapshots_per_response: config.http.max_snapshots_per_response,
                 analysis: config.analysis.clone(),
                 analysis_permits: Arc::new(tokio::sync::Semaphore::new(
-                    config.analysis.max_concurrent_requests,
+                    config.analysis.max_concurrent_requests.get(),
                 )),
             };
             let guarded = AppState {

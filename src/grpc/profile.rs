@@ -65,11 +65,11 @@ impl StreamLimits {
             .min(u32::MAX as usize)
             .min(Semaphore::MAX_PERMITS);
         StreamLimits {
-            streams: Arc::new(Semaphore::new(config.grpc.max_snapshot_streams)),
-            max_streams: config.grpc.max_snapshot_streams,
+            streams: Arc::new(Semaphore::new(config.grpc.max_snapshot_streams.get())),
+            max_streams: config.grpc.max_snapshot_streams.get(),
             bytes: Arc::new(Semaphore::new(max_bytes)),
             max_bytes,
-            bytes_wait: Duration::from_millis(config.grpc.snapshot_bytes_wait_ms),
+            bytes_wait: Duration::from_millis(config.grpc.snapshot_bytes_wait_ms.get()),
             lookups: RateLimit::per_second(config.tasks.unknown_lookups_per_second),
         }
     }
@@ -117,8 +117,8 @@ impl ProfileService {
             snapshots_unknown_task: metrics::counter!(telemetry::SNAPSHOTS_UNKNOWN_TASK),
             handles,
             in_flight,
-            max_stack_depth,
-            chunk_snapshots,
+            max_stack_depth: max_stack_depth.get(),
+            chunk_snapshots: chunk_snapshots.get(),
             limits: Arc::new(StreamLimits::from_config(config)),
         }
     }

@@ -186,7 +186,7 @@ pub async fn analysis(
     let target = parse_analysis_query(raw.as_deref())?;
     let _permit = analysis_permit(&state).await?;
     let store = &state.handles.store;
-    let limit = state.analysis.max_snapshots;
+    let limit = state.analysis.max_snapshots.get();
     let filters = match target {
         AnalysisTarget::Task(filter) => {
             find_task(&state, filter.task_id_opt.as_deref().unwrap_or_default()).await?;

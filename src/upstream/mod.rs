@@ -114,8 +114,8 @@ impl Passthrough {
         Ok(Passthrough {
             inner: Arc::new(Inner {
                 pool_opt,
-                calls: Arc::new(Semaphore::new(config.max_concurrent_calls)),
-                timeout: Duration::from_millis(config.timeout_ms),
+                calls: Arc::new(Semaphore::new(config.max_concurrent_calls.get())),
+                timeout: Duration::from_millis(config.timeout_ms.get()),
                 token_opt,
                 taps,
                 in_flight,

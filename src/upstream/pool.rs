@@ -67,10 +67,10 @@ impl UpstreamPool {
             };
             let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
                 .map_err(|error| invalid(error.to_string()))?
-                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms.get()))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_millis(config.timeout_ms.max(1000)))
+                .keep_alive_timeout(Duration::from_millis(config.timeout_ms.get().max(1000)))
                 .keep_alive_while_idle(true)
                 .http2_adaptive_window(true);
             if let Some(tls) = &tls_opt {
@@ -91,7 +91,7 @@ impl UpstreamPool {
         Ok(Arc::new(UpstreamPool {
             upstreams,
             next: AtomicUsize::new(0),
-            retry_backoff: Duration::from_millis(config.retry_backoff_ms),
+            retry_backoff: Duration::from_millis(config.retry_backoff_ms.get()),
         }))
     }
 

@@ -25,11 +25,11 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     pub fn from_config(config: &SinkConfig) -> RetryPolicy {
         RetryPolicy {
-            max_attempts: config.retry_max_attempts,
+            max_attempts: config.retry_max_attempts.get(),
             initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
             budget: Duration::from_millis(config.retry_budget_ms),
-            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
+            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms.get()),
         }
     }
 

@@ -42,24 +42,16 @@ impl InstanceRegistry {
         }
     }
 
+    /// Makes room for one more instance: silent past the live window first, then the
+    /// longest silent.
     fn make_room(&mut self, now_ms: i64) {
         let live_window_ms = self.live_window_ms;
-        if self.instances.len() < self.max_instances {
-            return;
-        }
-        self.instances
-            .retain(|_, info| now_ms.saturating_sub(info.last_seen) <= live_window_ms);
-        while self.instances.len() >= self.max_instances {
-            let oldest = self
-                .instances
-                .iter()
-                .min_by_key(|(_, info)| info.last_seen)
-                .map(|(key, _)| key.clone());
-            match oldest {
-                Some(key) => self.instances.remove(&key),
-                None => break,
-            };
-        }
+        super::bounded::make_room(
+            &mut self.instances,
+            self.max_instances,
+            |info| now_ms.saturating_sub(info.last_seen) > live_window_ms,
+            |info| info.last_seen,
+        );
     }
 }
 
@@ -162,18 +154,39 @@ mod tests {
         }
     }
 
+    fn names(list: &[ServiceInstances]) -> Vec<String> {
+        list.iter()
+            .flat_map(|service| {
+                service
+                    .instances
+                    .iter()
+                    .map(move |instance| format!("{}/{}", service.service, instance.name))
+            })
+            .collect()
+    }
+
     #[actix::test]
-    async fn test_instances_live_window_and_bound() {
-        let registry = InstanceRegistry::new(1_000, 2).start();
+    async fn test_instances_live_window() {
+        let registry = InstanceRegistry::new(1_000, 10).start();
         registry.send(beat("svc", "a", 0)).await.unwrap();
         registry.send(beat("svc", "b", 500)).await.unwrap();
         let list = registry.send(ListServices { now_ms: 1_200 }).await.unwrap();
-        assert_eq!(list.len(), 1);
-        assert_eq!(list[0].instances.len(), 1, "a is past the live window");
+        assert_eq!(names(&list), ["svc/b"], "a is past the live window");
         registry.send(beat("other", "c", 1_300)).await.unwrap();
         let list = registry.send(ListServices { now_ms: 1_300 }).await.unwrap();
-        let names: Vec<_> = list.iter().map(|s| s.service.as_str()).collect();
-        assert_eq!(names, ["other", "svc"]);
+        assert_eq!(names(&list), ["other/c", "svc/b"], "sorted by service");
+    }
+
+    #[actix::test]
+    async fn test_instances_bound_drops_the_longest_silent() {
+        // All three are live: only the bound can take one out.
+        let registry = InstanceRegistry::new(1_000, 2).start();
+        registry.send(beat("svc", "a", 0)).await.unwrap();
+        registry.send(beat("svc", "b", 100)).await.unwrap();
+        registry.send(beat("svc", "a", 150)).await.unwrap();
+        registry.send(beat("svc", "c", 200)).await.unwrap();
+        let list = registry.send(ListServices { now_ms: 300 }).await.unwrap();
+        assert_eq!(names(&list), ["svc/a", "svc/c"], "b was silent longest");
     }
 
     #[actix::test]

@@ -1,6 +1,7 @@
 //! The actors: snapshot shards (batching into the sinks), the two task caches, the task
 //! registry, the task log writer, the instance registry and retention.
 
+pub mod bounded;
 pub mod instances;
 pub mod retention;
 pub mod shard;

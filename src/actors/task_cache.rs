@@ -104,21 +104,13 @@ impl DownstreamCache {
 
     /// Makes room for one more service: expired entries first, then the oldest write.
     fn make_room(&mut self, now: Instant) {
-        if self.entries.len() < self.max_services {
-            return;
-        }
-        self.purge(now);
-        while self.entries.len() >= self.max_services {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, entry)| entry.written_at)
-                .map(|(service, _)| service.clone());
-            match oldest {
-                Some(service) => self.entries.remove(&service),
-                None => break,
-            };
-        }
+        let expire_after = self.expire_after;
+        super::bounded::make_room(
+            &mut self.entries,
+            self.max_services,
+            |entry| now.duration_since(entry.written_at) >= expire_after,
+            |entry| entry.written_at,
+        );
     }
 }
 

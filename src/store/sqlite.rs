@@ -232,6 +232,33 @@ impl SqliteStore {
         .map_err(|error| StoreError::Unavailable(format!("sqlite writer thread failed: {error}")))?
     }
 
+    /// Inserts every row in one transaction through one cached statement; `execute`
+    /// binds a row's values and runs it.
+    async fn insert_rows<R>(
+        &self,
+        sql: &'static str,
+        rows: Vec<R>,
+        execute: fn(&mut rusqlite::CachedStatement<'_>, &R) -> Result<usize, rusqlite::Error>,
+    ) -> Result<(), StoreError>
+    where
+        R: Send + 'static,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(move |connection| {
+            let transaction = connection.transaction()?;
+            {
+                let mut statement = transaction.prepare_cached(sql)?;
+                for row in &rows {
+                    execute(&mut statement, row)?;
+                }
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -509,29 +536,23 @@ impl Store for SqliteStore {
     }
 
     async fn insert_task_logs(&self, logs: &[TaskLog]) -> Result<(), StoreError> {
-        let logs = logs.to_vec();
-        self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            {
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO profile_task_log (task_id, instance, operation, \
-                     operation_name, service, operation_time, time_bucket) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
-                for log in &logs {
-                    statement.execute(params![
-                        log.task_id,
-                        log.instance,
-                        log.operation.code(),
-                        log.operation.name(),
-                        log.service,
-                        log.operation_time,
-                        log.time_bucket,
-                    ])?;
-                }
-            }
-            transaction.commit()
-        })
+        self.insert_rows(
+            "INSERT OR IGNORE INTO profile_task_log (task_id, instance, operation, \
+             operation_name, service, operation_time, time_bucket) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            logs.to_vec(),
+            |statement, log| {
+                statement.execute(params![
+                    log.task_id,
+                    log.instance,
+                    log.operation.code(),
+                    log.operation.name(),
+                    log.service,
+                    log.operation_time,
+                    log.time_bucket,
+                ])
+            },
+        )
         .await
     }
 
@@ -575,27 +596,22 @@ impl Store for SqliteStore {
                 stack_json: serde_json::to_string(&snapshot.stack).expect("strings serialise"),
             })
             .collect();
-        self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            {
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO profile_thread_snapshot \
-                     (task_id, segment_id, sequence, dump_time, time_bucket, stack) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for row in &rows {
-                    statement.execute(params![
-                        row.task_id,
-                        row.segment_id,
-                        row.sequence,
-                        row.dump_time,
-                        row.time_bucket,
-                        row.stack_json,
-                    ])?;
-                }
-            }
-            transaction.commit()
-        })
+        self.insert_rows(
+            "INSERT OR IGNORE INTO profile_thread_snapshot \
+             (task_id, segment_id, sequence, dump_time, time_bucket, stack) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rows,
+            |statement, row| {
+                statement.execute(params![
+                    row.task_id,
+                    row.segment_id,
+                    row.sequence,
+                    row.dump_time,
+                    row.time_bucket,
+                    row.stack_json,
+                ])
+            },
+        )
         .await
     }
 
@@ -734,38 +750,30 @@ impl Store for SqliteStore {
                 spans_json: serde_json::to_string(&segment.spans).expect("spans serialise"),
             })
             .collect();
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.write(move |connection| {
-            let transaction = connection.transaction()?;
-            {
-                // A segment sent again replaces the stored one (a later one in the same
-                // batch wins, as in ClickHouse).
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR REPLACE INTO profiled_segment (segment_id, trace_id, service, \
-                     instance, endpoint, start_time, end_time, duration, is_error, \
-                     time_bucket, spans) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
-                for row in &rows {
-                    statement.execute(params![
-                        row.segment_id,
-                        row.trace_id,
-                        row.service,
-                        row.instance,
-                        row.endpoint,
-                        row.start_time,
-                        row.end_time,
-                        row.duration,
-                        row.is_error,
-                        row.time_bucket,
-                        row.spans_json,
-                    ])?;
-                }
-            }
-            transaction.commit()
-        })
+        // A segment sent again replaces the stored one (a later one in the same batch
+        // wins, as in ClickHouse).
+        self.insert_rows(
+            "INSERT OR REPLACE INTO profiled_segment (segment_id, trace_id, service, \
+             instance, endpoint, start_time, end_time, duration, is_error, \
+             time_bucket, spans) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            rows,
+            |statement, row| {
+                statement.execute(params![
+                    row.segment_id,
+                    row.trace_id,
+                    row.service,
+                    row.instance,
+                    row.endpoint,
+                    row.start_time,
+                    row.end_time,
+                    row.duration,
+                    row.is_error,
+                    row.time_bucket,
+                    row.spans_json,
+                ])
+            },
+        )
         .await
     }
 

@@ -14,12 +14,12 @@ use anyhow::{bail, Context as _};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use prost::Message as _;
 use serde_json::{json, Value};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::grpc::raw::RawCodec;
 use crate::proto::v3::profile_task_client::ProfileTaskClient;
 use crate::proto::v3::{Commands, ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
 
@@ -193,47 +193,6 @@ impl EncodedStacks {
     }
 }
 
-/// Sends already-encoded `ThreadSnapshot` messages as they are and decodes the
-/// `Commands` reply; the server sees the same bytes a prost client would send.
-#[derive(Clone, Copy, Default)]
-struct EncodedSnapshotCodec;
-
-impl Codec for EncodedSnapshotCodec {
-    type Encode = Bytes;
-    type Decode = Commands;
-    type Encoder = EncodedSnapshotCodec;
-    type Decoder = EncodedSnapshotCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        *self
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        *self
-    }
-}
-
-impl Encoder for EncodedSnapshotCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for EncodedSnapshotCodec {
-    type Item = Commands;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Commands>, Status> {
-        Commands::decode(src)
-            .map(Some)
-            .map_err(|error| Status::internal(format!("cannot decode Commands: {error}")))
-    }
-}
-
 /// One `collectSnapshot` stream of already-encoded snapshots.
 async fn collect_encoded(
     channel: Channel,
@@ -247,9 +206,12 @@ async fn collect_encoded(
     let request = with_token(tokio_stream::iter(messages), token_opt)
         .map_err(|error| Status::invalid_argument(error.to_string()))?;
     let path = PathAndQuery::from_static("/skywalking.v3.ProfileTask/collectSnapshot");
-    grpc.client_streaming(request, path, EncodedSnapshotCodec)
-        .await
+    // The snapshots go as they were encoded once; the server sees the bytes a prost
+    // client would send. The `Commands` reply is checked to be one.
+    let reply = grpc.client_streaming(request, path, RawCodec).await?;
+    Commands::decode(reply.into_inner())
         .map(|_| ())
+        .map_err(|error| Status::internal(format!("cannot decode Commands: {error}")))
 }
 
 fn with_token<T>(message: T, token_opt: &Option<String>) -> anyhow::Result<tonic::Request<T>> {

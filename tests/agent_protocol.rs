@@ -278,7 +278,7 @@ async fn test_malformed_protobuf_ends_stream_and_keeps_committed() {
         .client_streaming(
             tonic::Request::new(paced),
             PathAndQuery::from_static("/skywalking.v3.ProfileTask/collectSnapshot"),
-            common::raw::RawCodec,
+            skysnap::grpc::raw::RawCodec,
         )
         .await
         .expect_err("a malformed message ends the stream with an error");

@@ -18,8 +18,8 @@ use skysnap::proto::v3::{Commands, InstancePingPkg, ProfileTaskCommandQuery};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Server as TonicServer};
 
-use common::raw::RawCodec;
 use common::{snapshot, snapshot_rows, Server};
+use skysnap::grpc::raw::RawCodec;
 
 /// What the fake upstream saw of one call.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! mapped in `status`); every other path goes to `crate::upstream`'s passthrough.
 
 pub mod profile;
+pub mod raw;
 pub mod status;
 
 use std::future::Future;

@@ -299,54 +299,6 @@ pub fn snapshot_rows(db: &Path, segment_like: &str) -> i64 {
     }
 }
 
-/// A gRPC codec that sends raw bytes as the message: lets a test send a malformed
-/// protobuf, which no generated client can.
-pub mod raw {
-    use bytes::{Buf, BufMut, Bytes};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    #[derive(Default, Clone)]
-    pub struct RawCodec;
-
-    pub struct RawEncoder;
-    pub struct RawDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Bytes;
-        type Error = Status;
-
-        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawDecoder {
-        type Item = Bytes;
-        type Error = Status;
-
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawEncoder;
-        type Decoder = RawDecoder;
-
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-
-        fn decoder(&mut self) -> RawDecoder {
-            RawDecoder
-        }
-    }
-}
-
 /// The ClickHouse server the test command started (Debian's 18.16 on loopback).
 pub fn clickhouse_url() -> String {
     std::env::var("SKYSNAP_TEST_CLICKHOUSE_URL")

@@ -448,15 +448,27 @@ mod tests {
 
     #[actix::test]
     async fn test_shard_closes_batch_on_timer() {
+        // Paused time: the 60 s timer is tested to the millisecond, without waiting.
+        tokio::time::pause();
         let sink = Arc::new(RecordingSink::default());
-        let shard = start(sink.clone(), limits(1_000, usize::MAX, 20));
-        let receipt = shard
+        let shard = start(sink.clone(), limits(1_000, usize::MAX, 60_000));
+        let mut receipt = shard
             .send(Ingest {
                 records: vec![record(0)],
             })
             .await
             .unwrap();
+        tokio::time::advance(Duration::from_millis(59_990)).await;
+        assert!(
+            matches!(
+                receipt.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "closed before its timer"
+        );
+        assert!(sink.batches.lock().unwrap().is_empty());
         // Nothing but the timer can close this batch.
+        tokio::time::advance(Duration::from_millis(20)).await;
         receipt.await.unwrap().unwrap();
         assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
     }
@@ -546,6 +558,7 @@ mod tests {
     #[actix::test]
     async fn test_shard_commits_at_most_the_limit_at_once() {
         use std::sync::atomic::Ordering::SeqCst;
+        tokio::time::pause();
         let sink = Arc::new(GatedSink::closed());
         let sinks: Arc<[Arc<dyn SnapshotSink>]> =
             Arc::from(vec![sink.clone() as Arc<dyn SnapshotSink>]);
@@ -569,6 +582,7 @@ mod tests {
                     .unwrap(),
             );
         }
+        // Paused time: the sleep ends once every task has run as far as it can.
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The first two commit at once, the shard took the third and waits for a slot.
         assert_eq!(sink.running.load(SeqCst), 2);

@@ -119,3 +119,52 @@ ENGINE = ReplacingMergeTree()
 PARTITION BY intDiv(time_bucket, 1000000)
 ORDER BY segment_id
 TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;
+
+-- Which service a task belongs to, by task id: filled from every task INSERT by the
+-- materialized view below, so that a read of one task by id (an agent's finish report)
+-- uses profile_task's key (service, id) instead of scanning the table:
+--   SELECT * FROM skysnap.profile_task FINAL
+--   WHERE service IN (SELECT service FROM skysnap.profile_task_service WHERE id = '<task>')
+--     AND id = '<task>';
+-- day is the yyyyMMdd of the task's time bucket, so a row expires with its task.
+CREATE TABLE IF NOT EXISTS skysnap.profile_task_service
+(
+    id      String,
+    service String,
+    day     Int64
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY day
+ORDER BY (id, service, day)
+TTL makeDate(intDiv(day, 10000), intDiv(day, 100) % 100, day % 100) + INTERVAL 3 DAY;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS skysnap.profile_task_service_mv
+TO skysnap.profile_task_service
+AS SELECT id, service, intDiv(time_bucket, 10000) AS day
+FROM skysnap.profile_task;
+
+-- Which task a profiled segment's snapshots belong to: one row per (segment, task, day),
+-- filled from every snapshot INSERT by the materialized view below. A read of one
+-- segment's snapshots (the API and the analysis ask by segment alone) looks the task
+-- up here first, so that it uses profile_thread_snapshot's key instead of scanning it:
+--   SELECT sequence, dump_time, stack FROM skysnap.profile_thread_snapshot FINAL
+--   WHERE task_id IN (SELECT task_id FROM skysnap.profile_segment_task WHERE segment_id = '<segment>')
+--     AND segment_id = '<segment>' ORDER BY sequence;
+-- day is the yyyyMMdd of the snapshots' time buckets: a row lives in the partition of
+-- the snapshots it stands for, so it expires with them.
+CREATE TABLE IF NOT EXISTS skysnap.profile_segment_task
+(
+    segment_id String,
+    task_id    String,
+    day        Int64
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY day
+ORDER BY (segment_id, task_id, day)
+TTL makeDate(intDiv(day, 10000), intDiv(day, 100) % 100, day % 100) + INTERVAL 3 DAY;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS skysnap.profile_segment_task_mv
+TO skysnap.profile_segment_task
+AS SELECT segment_id, task_id, intDiv(time_bucket, 1000000) AS day
+FROM skysnap.profile_thread_snapshot
+GROUP BY segment_id, task_id, day;

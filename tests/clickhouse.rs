@@ -193,6 +193,22 @@ async fn test_clickhouse_retention_drops_expired_partitions() {
         (old == 0).then_some(())
     })
     .await;
+    // The segment index expires with the snapshots it stands for.
+    eventually(Duration::from_secs(10), || async {
+        let old = clickhouse_count(&format!(
+            "SELECT count() FROM {database}.profile_segment_task WHERE segment_id = 'old-seg'"
+        ))
+        .await;
+        (old == 0).then_some(())
+    })
+    .await;
+    assert!(
+        clickhouse_count(&format!(
+            "SELECT count() FROM {database}.profile_segment_task WHERE segment_id = 'edge-seg'"
+        ))
+        .await
+            >= 1
+    );
     assert_eq!(
         clickhouse_count(&format!(
             "SELECT count() FROM {table} WHERE segment_id = 'edge-seg'"
@@ -213,6 +229,143 @@ async fn test_clickhouse_retention_drops_expired_partitions() {
             .await
             >= 10.0
     );
+    server.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}
+
+/// Rows the server read for one query, from its query log.
+async fn rows_read(sql: &str) -> u64 {
+    let query_id = uuid::Uuid::new_v4().to_string();
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/?log_queries=1&query_id={query_id}",
+            clickhouse_url()
+        ))
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    clickhouse("SYSTEM FLUSH LOGS").await;
+    clickhouse_count(&format!(
+        "SELECT read_rows FROM system.query_log WHERE query_id = '{query_id}' \
+         AND type = 2 FORMAT TSV"
+    ))
+    .await as u64
+}
+
+/// A segment's snapshots are read through the snapshot table's key, by way of the
+/// segment index, not by scanning the table; a store written by a release before the
+/// index gets its segments indexed at start-up.
+#[tokio::test]
+async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed() {
+    let database = fresh_database("segindex");
+    // The layout of the previous release: everything but the index and its view.
+    let mut server = start(&clickhouse_env(&database));
+    server.stop();
+    for table in [
+        "profile_segment_task_mv",
+        "profile_segment_task",
+        "profile_task_service_mv",
+        "profile_task_service",
+    ] {
+        clickhouse(&format!("DROP TABLE {database}.{table}")).await;
+    }
+    // 20,000 tasks of 200 services, and 200,000 snapshots of 100 of them (2,000
+    // segments of 100 snapshots), all of today.
+    let today = chrono::Utc::now().format("%Y%m%d").to_string();
+    let start_ms = chrono::Utc::now().timestamp_millis();
+    clickhouse(&format!(
+        "INSERT INTO {database}.profile_task \
+         SELECT concat('task-', toString(number)), concat('svc-', toString(number % 200)), '/e', \
+         toInt64({start_ms} + number * 60000), toInt32(1), toInt32(0), toInt32(10), toInt32(5), \
+         toInt64({start_ms}), toInt64({start_ms} + number * 60000 + 60000), \
+         toInt64({today}0000 + number % 60) FROM system.numbers LIMIT 20000"
+    ))
+    .await;
+    clickhouse(&format!(
+        "INSERT INTO {database}.profile_thread_snapshot \
+         SELECT concat('task-', toString(number % 100)), concat('seg-', toString(number % 2000)), \
+         toInt32(intDiv(number, 2000)), toInt64(1000 + number), toInt64({today}000000 + number % 60), \
+         ['main', concat('frame-', toString(number % 7))] FROM system.numbers LIMIT 200000"
+    ))
+    .await;
+
+    let mut server = start(&clickhouse_env(&database));
+    assert!(
+        server
+            .stderr()
+            .contains("indexing existing segments and tasks"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT count() FROM {database}.profile_task_service"
+        ))
+        .await,
+        20_000
+    );
+    let (status, task) = server.get("/api/v1/tasks/task-4321").await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["service"], "svc-121");
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT uniqExact(segment_id) FROM {database}.profile_segment_task"
+        ))
+        .await,
+        2_000
+    );
+    let (status, snapshots) = server.get("/api/v1/segments/seg-7/snapshots").await;
+    assert_eq!(status, 200, "{snapshots}");
+    let snapshots = snapshots.as_array().unwrap();
+    assert_eq!(snapshots.len(), 100);
+    assert!(snapshots.iter().all(|s| s["task_id"] == "task-7"));
+    // New snapshots are indexed by the view as they are inserted.
+    let mut client = server.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(
+            (0..5)
+                .map(|n| snapshot("task-new", "seg-new", n))
+                .collect::<Vec<_>>(),
+        ))
+        .await
+        .unwrap();
+    let (_, snapshots) = server.get("/api/v1/segments/seg-new/snapshots").await;
+    assert_eq!(snapshots.as_array().unwrap().len(), 5);
+
+    // What the server reads for one segment: the granules of its task, not the table.
+    let scanned = rows_read(&format!(
+        "SELECT sequence FROM {database}.profile_thread_snapshot FINAL \
+         WHERE segment_id = 'seg-7' FORMAT Null"
+    ))
+    .await;
+    let keyed = rows_read(&format!(
+        "SELECT sequence FROM {database}.profile_thread_snapshot FINAL \
+         WHERE task_id IN (SELECT task_id FROM {database}.profile_segment_task \
+         WHERE segment_id = 'seg-7') AND segment_id = 'seg-7' FORMAT Null"
+    ))
+    .await;
+    eprintln!("rows read for one segment: scanning {scanned}, through the index {keyed}");
+    assert!(scanned >= 200_000, "{scanned}");
+    assert!(keyed <= 30_000, "{keyed}");
+    let scanned = rows_read(&format!(
+        "SELECT * FROM {database}.profile_task FINAL WHERE id = 'task-4321' FORMAT Null"
+    ))
+    .await;
+    let keyed = rows_read(&format!(
+        "SELECT * FROM {database}.profile_task FINAL WHERE service IN \
+         (SELECT service FROM {database}.profile_task_service WHERE id = 'task-4321') \
+         AND id = 'task-4321' FORMAT Null"
+    ))
+    .await;
+    eprintln!("rows read for one task: scanning {scanned}, through the index {keyed}");
+    assert!(scanned >= 20_000, "{scanned}");
+    assert!(keyed <= 10_000, "{keyed}");
     server.stop();
     clickhouse(&format!("DROP DATABASE {database}")).await;
 }

@@ -19,7 +19,7 @@ import pytest
 from chdb import session as chdb_session
 
 from skysnap_fixture import (
-    DDL, EXAMPLES, END, LIST, OTHER_TASK, RECIPES, ROOT, SEG_A, SEG_B, SEG_C, SOCKET,
+    DDL, EXAMPLES, END, LIST, OTHER_SEG, OTHER_TASK, RECIPES, ROOT, SEG_A, SEG_B, SEG_C, SOCKET,
     START, DURATION, TABLES, TASK, bucket_minute, bucket_second, ddl_statements, example_queries,
     expected, insert_statements, lit, norm, recipe,
 )
@@ -191,3 +191,26 @@ def test_readme_shows_the_example_queries():
     section = section[:section.index("\n## ", 1)]
     for name, sql in example_queries(EXAMPLES.read_text()).items():
         assert sql.strip() in section, f"README's ClickHouse section lacks the {name} query as in schemas/examples.sql"
+
+
+@pytest.mark.parametrize("table", ("profile_segment_task", "profile_task_service"))
+def test_lookup_indexes_are_fed_by_their_views_and_expire(db, table):
+    ddl = db(f"SHOW CREATE TABLE skysnap.{table}", "TSVRaw")
+    assert "ENGINE = ReplacingMergeTree" in ddl
+    assert re.search(r"^TTL makeDate\(.*day.*\) \+ toIntervalDay\(3\)$", ddl, re.M), ddl
+    assert db(f"SELECT count() FROM skysnap.{table}") != [[0]]
+
+
+def test_lookups_through_the_indexes_answer_as_the_scans(db):
+    # The reads skysnap makes by segment alone and by task id alone, each through its
+    # index, against the plain scans.
+    for segment in (SEG_A, SEG_B, OTHER_SEG):
+        keyed = db("SELECT task_id, sequence FROM skysnap.profile_thread_snapshot FINAL "
+                   "WHERE task_id IN (SELECT task_id FROM skysnap.profile_segment_task "
+                   f"WHERE segment_id = '{segment}') AND segment_id = '{segment}' ORDER BY sequence")
+        scanned = db("SELECT task_id, sequence FROM skysnap.profile_thread_snapshot FINAL "
+                     f"WHERE segment_id = '{segment}' ORDER BY sequence")
+        assert keyed == scanned and scanned, segment
+    keyed = db("SELECT id, service FROM skysnap.profile_task FINAL WHERE service IN "
+               f"(SELECT service FROM skysnap.profile_task_service WHERE id = '{TASK}') AND id = '{TASK}'")
+    assert keyed == [[TASK, "shop"]]

@@ -38,6 +38,11 @@ pub struct ClickHouseStore {
     client: Client,
     database: String,
     version: ServerVersion,
+    /// `profile_segment_task` and `profile_task_service` exist: a segment's snapshots
+    /// are read through its task, a task by id through its service (each table's key).
+    /// Without them (a schema applied by hand from an older release) such reads scan
+    /// the table, as before.
+    lookup_indexes: bool,
 }
 
 #[derive(Debug, Row, Serialize, Deserialize)]
@@ -434,8 +439,22 @@ impl ClickHouseStore {
                 "clickhouse: cannot read server version {version_text:?}"
             ))
         })?;
+        let database = &config.database;
+        let exists = |table: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .query(&format!("EXISTS TABLE {database}.{table}"))
+                    .fetch_one::<u8>()
+                    .await
+                    .map(|exists| exists == 1)
+                    .map_err(map_error)
+            }
+        };
+        let indexes_before = exists("profile_segment_task").await?;
+        let tables_before = exists("profile_thread_snapshot").await?;
         if config.create_schema {
-            let ddl = schema::render(version, &config.database, retention_days);
+            let ddl = schema::render(version, database, retention_days);
             for statement in schema::statements(&ddl) {
                 client
                     .query(&statement)
@@ -443,17 +462,63 @@ impl ClickHouseStore {
                     .await
                     .map_err(map_error)?;
             }
+            if tables_before && !indexes_before {
+                // A store of an earlier release: its rows get their index rows once. The
+                // views feed the indexes from here on, so nothing written meanwhile is
+                // missed (a row indexed twice collapses).
+                tracing::info!(%database, "indexing existing segments and tasks (profile_segment_task, profile_task_service)");
+                for backfill in [
+                    "INSERT INTO {db}.profile_segment_task \
+                     SELECT segment_id, task_id, intDiv(time_bucket, 1000000) AS day \
+                     FROM {db}.profile_thread_snapshot GROUP BY segment_id, task_id, day",
+                    "INSERT INTO {db}.profile_task_service \
+                     SELECT id, service, intDiv(time_bucket, 10000) AS day FROM {db}.profile_task",
+                ] {
+                    client
+                        .query(&backfill.replace("{db}", database))
+                        .execute()
+                        .await
+                        .map_err(map_error)?;
+                }
+            }
         }
-        tracing::info!(%version, database = %config.database, ttl = version.is_modern(), "clickhouse store ready");
+        let lookup_indexes =
+            exists("profile_segment_task").await? && exists("profile_task_service").await?;
+        if !lookup_indexes {
+            tracing::warn!(%database, "no profile_segment_task or profile_task_service table (schema of an earlier release): reading a segment's snapshots or a task by id scans its table");
+        }
+        tracing::info!(%version, %database, ttl = version.is_modern(), "clickhouse store ready");
         Ok(ClickHouseStore {
-            client: client.with_database(&config.database),
-            database: config.database.clone(),
+            client: client.with_database(database),
+            database: database.clone(),
             version,
+            lookup_indexes,
         })
     }
 
     pub fn version(&self) -> ServerVersion {
         self.version
+    }
+
+    /// The WHERE clause of a snapshot read. A segment asked for without its task is
+    /// looked up in `profile_segment_task` first, so that the read uses the snapshot
+    /// table's key (task_id, segment_id, sequence) instead of scanning the table.
+    fn snapshot_where(&self, filter: &SnapshotFilter) -> (String, Vec<FilterValue>) {
+        let (where_sql, mut values) = filter.where_sql();
+        match (&filter.task_id_opt, &filter.segment_id_opt) {
+            (None, Some(segment_id)) if self.lookup_indexes => {
+                values.insert(0, FilterValue::Text(segment_id.clone()));
+                let conditions = where_sql.trim_start_matches("WHERE ");
+                (
+                    format!(
+                        "WHERE task_id IN (SELECT task_id FROM profile_segment_task \
+                         WHERE segment_id = ?) AND {conditions}"
+                    ),
+                    values,
+                )
+            }
+            _ => (where_sql, values),
+        }
     }
 
     async fn insert_rows<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), StoreError>
@@ -492,9 +557,21 @@ impl Store for ClickHouseStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        self.client
-            .query("SELECT ?fields FROM profile_task FINAL WHERE id = ? LIMIT 1")
-            .bind(id)
+        // The table is ordered by (service, id): the service comes from the index.
+        let query = if self.lookup_indexes {
+            self.client
+                .query(
+                    "SELECT ?fields FROM profile_task FINAL WHERE service IN \
+                     (SELECT service FROM profile_task_service WHERE id = ?) AND id = ? LIMIT 1",
+                )
+                .bind(id)
+                .bind(id)
+        } else {
+            self.client
+                .query("SELECT ?fields FROM profile_task FINAL WHERE id = ? LIMIT 1")
+                .bind(id)
+        };
+        query
             .fetch_optional::<TaskRow>()
             .await
             .map(|row| row.map(Task::from))
@@ -644,22 +721,27 @@ impl Store for ClickHouseStore {
         segment_id: &str,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT ?fields FROM profile_thread_snapshot FINAL WHERE segment_id = ? \
-                 ORDER BY sequence, task_id LIMIT ?",
-            )
-            .bind(segment_id)
-            .bind(limit as u64)
-            .fetch_all::<SnapshotRow>()
-            .await
-            .map_err(map_error)?;
+        let filter = SnapshotFilter {
+            segment_id_opt: Some(segment_id.to_string()),
+            ..SnapshotFilter::default()
+        };
+        let (where_sql, values) = self.snapshot_where(&filter);
+        let rows = bind_filter(
+            self.client.query(&format!(
+                "SELECT ?fields FROM profile_thread_snapshot FINAL {where_sql} \
+                 ORDER BY sequence, task_id LIMIT ?"
+            )),
+            &values,
+        )
+        .bind(limit as u64)
+        .fetch_all::<SnapshotRow>()
+        .await
+        .map_err(map_error)?;
         Ok(rows.into_iter().map(SnapshotRecord::from).collect())
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
-        let (where_sql, values) = filter.where_sql();
+        let (where_sql, values) = self.snapshot_where(filter);
         bind_filter(
             self.client.query(&format!(
                 "SELECT uniqExact(task_id, segment_id, sequence) \
@@ -681,7 +763,7 @@ impl Store for ClickHouseStore {
         // 12,000 snapshots on 18.16, `FINAL … ORDER BY` 304 ms. That is right whenever
         // every matching row was read, duplicates of a re-sent snapshot included; the
         // read is capped, and a match past the cap falls back to `FINAL … ORDER BY`.
-        let (where_sql, values) = filter.where_sql();
+        let (where_sql, values) = self.snapshot_where(filter);
         let cap = limit.saturating_mul(2).saturating_add(1);
         let mut rows = bind_filter(
             self.client.query(&format!(
@@ -728,7 +810,7 @@ impl Store for ClickHouseStore {
         // group is enough. This aggregates in parallel in one pass; de-duplicating all
         // keys first (LIMIT 1 BY) and then grouping took three times as long on 18.16
         // (3.0 s against 1.1 s for a million 40-frame snapshots).
-        let (where_sql, values) = filter.where_sql();
+        let (where_sql, values) = self.snapshot_where(filter);
         let cursor = bind_filter(
             self.client.query(&format!(
                 "SELECT stack, uniqExact(task_id, segment_id, sequence) AS count \
@@ -835,7 +917,7 @@ impl Store for ClickHouseStore {
                 "SELECT table, partition, sum(rows) AS rows FROM system.parts \
                  WHERE database = ? AND active AND table IN \
                  ('profile_task', 'profile_task_log', 'profile_thread_snapshot', \
-                  'profiled_segment') \
+                  'profiled_segment', 'profile_segment_task', 'profile_task_service') \
                  GROUP BY table, partition",
             )
             .bind(&self.database)

@@ -149,11 +149,15 @@ mod tests {
         assert!(!statements_text.contains("LowCardinality"));
         assert!(legacy.contains("without table TTL: skysnap drops expired partitions"));
         let statements = statements(&legacy);
-        assert_eq!(statements.len(), 5);
+        assert_eq!(statements.len(), 9);
         for statement in &statements[1..] {
-            assert!(statement.contains("ORDER BY"), "{statement}");
+            assert!(
+                statement.contains("ORDER BY") || statement.contains("MATERIALIZED VIEW"),
+                "{statement}"
+            );
             assert!(!statement.contains(';'));
         }
+        assert!(statements[8].ends_with("GROUP BY segment_id, task_id, day"));
         assert!(
             statements[3].contains("stack       Array(String)\n"),
             "{}",
@@ -169,12 +173,22 @@ mod tests {
     #[test]
     fn test_schema_statements_of_file() {
         let statements = statements(SCHEMA_SQL);
-        assert_eq!(statements.len(), 5);
+        assert_eq!(statements.len(), 9);
         assert!(statements[0].starts_with("CREATE DATABASE"));
+        // Every table expires by TTL; the views hold no rows of their own.
         for statement in &statements[1..] {
-            assert!(statement.ends_with("INTERVAL 3 DAY"), "{statement}");
+            assert_eq!(
+                statement.ends_with("INTERVAL 3 DAY"),
+                statement.starts_with("CREATE TABLE"),
+                "{statement}"
+            );
         }
         assert!(statements[4].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profiled_segment"));
+        assert!(
+            statements[5].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profile_task_service")
+        );
+        assert!(statements[8]
+            .starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS skysnap.profile_segment_task_mv"));
     }
 
     #[test]

@@ -7,13 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
 use skysnap::proto::v3::ThreadSnapshot;
 
-use common::{clickhouse, clickhouse_url, fresh_database, snapshot, snapshot_rows, Server};
+use common::{
+    clickhouse, clickhouse_url, fresh_database, snapshot, snapshot_rows, PacedAgents, Server,
+};
 
 const PER_STREAM: i32 = 200;
 
@@ -24,38 +24,9 @@ fn stream_of(segment: &str) -> Vec<ThreadSnapshot> {
 }
 
 /// Streams from 8 agents, paced so that some are always open, until the server dies;
-/// then SIGKILL after 1.5 s. Answers the acknowledged streams and the broken ones.
+/// SIGKILL after 1.5 s. Answers the acknowledged streams and the broken ones.
 async fn kill_under_load(server: &mut Server, prefix: &str) -> (Vec<String>, Vec<String>) {
-    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
-    let broken: Arc<Mutex<Vec<String>>> = Arc::default();
-    let mut workers = Vec::new();
-    for worker in 0..8 {
-        let grpc = server.grpc.clone();
-        let (acknowledged, broken) = (acknowledged.clone(), broken.clone());
-        let prefix = prefix.to_string();
-        workers.push(tokio::spawn(async move {
-            let mut client = ProfileTaskClient::connect(grpc).await.expect("connect");
-            for round in 0.. {
-                let segment = format!("{prefix}-{worker}-{round}");
-                let stream = futures::StreamExt::then(
-                    tokio_stream::iter(stream_of(&segment)),
-                    |message| async move {
-                        if message.sequence % 20 == 0 {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        message
-                    },
-                );
-                match client.collect_snapshot(stream).await {
-                    Ok(_) => acknowledged.lock().unwrap().push(segment),
-                    Err(_) => {
-                        broken.lock().unwrap().push(segment);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
+    let agents = PacedAgents::start(&server.grpc, "task-kill", prefix, 8, PER_STREAM, None);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     server.signal("KILL");
     let status = server.wait(Duration::from_secs(10));
@@ -64,16 +35,7 @@ async fn kill_under_load(server: &mut Server, prefix: &str) -> (Vec<String>, Vec
         Some(9),
         "killed: {status}"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for worker in workers {
-        let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::timeout(left, worker)
-            .await
-            .expect("every agent learns that its stream broke")
-            .unwrap();
-    }
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    let broken = broken.lock().unwrap().clone();
+    let (acknowledged, broken) = agents.finish(Duration::from_secs(30)).await;
     assert!(
         acknowledged.len() >= 8,
         "load ran: {} streams acknowledged",

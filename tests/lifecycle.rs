@@ -3,55 +3,19 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skysnap::proto::v3::profile_task_client::ProfileTaskClient;
 use skysnap::proto::v3::{ProfileTaskCommandQuery, ThreadSnapshot};
 use tonic::metadata::MetadataValue;
 
-use common::{aged_segment, snapshot, snapshot_rows, Server};
+use common::{aged_segment, snapshot, snapshot_rows, PacedAgents, Server};
 
 #[tokio::test]
 async fn test_sigterm_during_streams_loses_nothing_acknowledged() {
     let mut server = Server::start(&[("SKYSNAP_SHUTDOWN_GRACE_MS", "10000")]);
-    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
-    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop_at = Instant::now() + Duration::from_secs(6);
-    let mut workers = Vec::new();
-    for worker in 0..8 {
-        let grpc = server.grpc.clone();
-        let (acknowledged, refused) = (acknowledged.clone(), refused.clone());
-        workers.push(tokio::spawn(async move {
-            let Ok(mut client) = ProfileTaskClient::connect(grpc).await else {
-                return;
-            };
-            for round in 0.. {
-                if Instant::now() > stop_at {
-                    return;
-                }
-                let segment = format!("sig-{worker}-{round}");
-                let messages: Vec<ThreadSnapshot> = (0..200)
-                    .map(|n| snapshot("task-sig", &segment, n))
-                    .collect();
-                // Paced, so that streams are open when the signal comes.
-                let stream =
-                    futures::StreamExt::then(tokio_stream::iter(messages), |message| async move {
-                        if message.sequence % 20 == 0 {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        message
-                    });
-                match client.collect_snapshot(stream).await {
-                    Ok(_) => acknowledged.lock().unwrap().push(segment),
-                    Err(_) => {
-                        refused.lock().unwrap().push(segment);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
+    let agents = PacedAgents::start(&server.grpc, "task-sig", "sig", 8, 200, Some(stop_at));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     server.signal("TERM");
     let started = Instant::now();
@@ -67,10 +31,7 @@ async fn test_sigterm_during_streams_loses_nothing_acknowledged() {
         started.elapsed() < Duration::from_secs(10),
         "exited within the grace period"
     );
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let acknowledged = acknowledged.lock().unwrap().clone();
+    let (acknowledged, refused) = agents.finish(Duration::from_secs(30)).await;
     assert!(
         acknowledged.len() >= 8,
         "load ran: {} streams acknowledged",
@@ -87,7 +48,7 @@ async fn test_sigterm_during_streams_loses_nothing_acknowledged() {
     eprintln!(
         "acknowledged streams: {}, refused streams: {}, rows: {total}",
         acknowledged.len(),
-        refused.lock().unwrap().len()
+        refused.len()
     );
     assert!(total >= 200 * acknowledged.len() as i64);
 }

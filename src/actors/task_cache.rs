@@ -326,8 +326,8 @@ mod tests {
         assert_eq!(cache.get("s3", Instant::now(), 0).len(), 1);
     }
 
-    #[actix::test]
-    async fn test_task_cache_refresh_loads_store() {
+    /// A SQLite store holding task "a" of service "svc", running now.
+    async fn store_with_running_task() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("db"), 1).unwrap());
@@ -335,6 +335,12 @@ mod tests {
             .insert_task(&task("a", "svc", now_ms()))
             .await
             .unwrap();
+        (dir, store)
+    }
+
+    #[actix::test]
+    async fn test_task_cache_refresh_loads_store() {
+        let (_dir, store) = store_with_running_task().await;
         store.insert_task(&task("old", "svc", 0)).await.unwrap();
         let (segments, _writer) =
             SegmentCapture::new(&crate::config::SegmentsConfig::default(), store.clone());
@@ -367,13 +373,7 @@ mod tests {
     #[actix::test]
     async fn test_task_cache_restart_after_panic_reloads() {
         use crate::actors::supervision::test_hooks::PANIC;
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("db"), 1).unwrap());
-        store
-            .insert_task(&task("a", "svc", now_ms()))
-            .await
-            .unwrap();
+        let (_dir, store) = store_with_running_task().await;
         let (segments, _writer) =
             SegmentCapture::new(&crate::config::SegmentsConfig::default(), store.clone());
         let cache_store = store.clone();

@@ -212,12 +212,8 @@ mod tests {
     use crate::model::{Operation, Task};
     use crate::store::sqlite::SqliteStore;
 
-    #[actix::test]
-    async fn test_task_log_dedup_repeated_notified() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("db"), 1).unwrap());
-        let writer = TaskLogWriter::new(store.clone(), Duration::from_secs(3600), 100).start();
-        let task = Task {
+    fn task() -> Task {
+        Task {
             id: "t".into(),
             service: "svc".into(),
             endpoint_name: "/e".into(),
@@ -227,7 +223,15 @@ mod tests {
             dump_period: 10,
             max_sampling_count: 5,
             create_time: 0,
-        };
+        }
+    }
+
+    #[actix::test]
+    async fn test_task_log_dedup_repeated_notified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db"), 1).unwrap());
+        let writer = TaskLogWriter::new(store.clone(), Duration::from_secs(3600), 100).start();
+        let task = task();
         for time in 0..3 {
             writer
                 .send(RecordLog(TaskLog::new(
@@ -266,17 +270,7 @@ mod tests {
         let writer = Supervisor::start(move |_ctx| {
             TaskLogWriter::new(writer_store, Duration::from_secs(3600), 100)
         });
-        let task = Task {
-            id: "t".into(),
-            service: "svc".into(),
-            endpoint_name: "/e".into(),
-            start_time: 0,
-            duration: 1,
-            min_duration_threshold: 0,
-            dump_period: 10,
-            max_sampling_count: 5,
-            create_time: 0,
-        };
+        let task = task();
         let log = |instance: &str| RecordLog(TaskLog::new(&task, instance, Operation::Notified, 1));
         writer.send(log("before")).await.unwrap();
         writer.send(log(PANIC)).await.unwrap();

@@ -904,3 +904,83 @@ pub fn committed_and_end_offsets(
         })
         .collect()
 }
+
+/// Agents that each send paced streams of `per_stream` snapshots, one after another
+/// (paced, so that some stream is always open), until one is refused or `stop_at`
+/// passes: the load under which a process is stopped or killed.
+pub struct PacedAgents {
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PacedAgents {
+    pub fn start(
+        grpc: &str,
+        task_id: &str,
+        prefix: &str,
+        agents: usize,
+        per_stream: i32,
+        stop_at_opt: Option<Instant>,
+    ) -> PacedAgents {
+        let acknowledged: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let refused: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let workers = (0..agents)
+            .map(|agent| {
+                let (grpc, task_id, prefix) =
+                    (grpc.to_string(), task_id.to_string(), prefix.to_string());
+                let (acknowledged, refused) = (acknowledged.clone(), refused.clone());
+                tokio::spawn(async move {
+                    let Ok(mut client) = ProfileTaskClient::connect(grpc).await else {
+                        return;
+                    };
+                    for round in 0.. {
+                        if stop_at_opt.is_some_and(|stop_at| Instant::now() > stop_at) {
+                            return;
+                        }
+                        let segment = format!("{prefix}-{agent}-{round}");
+                        let messages: Vec<ThreadSnapshot> = (0..per_stream)
+                            .map(|n| snapshot(&task_id, &segment, n))
+                            .collect();
+                        let stream = futures::StreamExt::then(
+                            tokio_stream::iter(messages),
+                            |message| async move {
+                                if message.sequence % 20 == 0 {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                message
+                            },
+                        );
+                        match client.collect_snapshot(stream).await {
+                            Ok(_) => acknowledged.lock().unwrap().push(segment),
+                            Err(_) => {
+                                refused.lock().unwrap().push(segment);
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        PacedAgents {
+            acknowledged,
+            refused,
+            workers,
+        }
+    }
+
+    /// Waits for every agent to stop; answers the acknowledged and the refused streams.
+    pub async fn finish(self, within: Duration) -> (Vec<String>, Vec<String>) {
+        let deadline = Instant::now() + within;
+        for worker in self.workers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, worker)
+                .await
+                .expect("every agent learns how its last stream ended")
+                .unwrap();
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        let refused = self.refused.lock().unwrap().clone();
+        (acknowledged, refused)
+    }
+}

@@ -69,18 +69,26 @@ CLICKHOUSE_URL = os.environ.get("SKYSNAP_BENCH_CLICKHOUSE_URL", "http://127.0.0.
 KAFKA_BROKERS = os.environ.get("SKYSNAP_BENCH_KAFKA_BROKERS", "127.0.0.1:19092")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FLUSH_INTERVAL_MS = 200  # pipeline.batch_flush_interval_ms's default
-# Concurrent INSERTs of the raw ClickHouse baseline; the best is the limit. skysnap has
-# up to shards x pipeline.shard_commits_in_flight = 2 x 2 = 4 INSERTs in flight.
-RAW_CONCURRENCY = (2, 4, 8)
+# The raw ClickHouse baseline is a sweep of INSERT sizes (rows per INSERT) and of
+# concurrent INSERTs; the best median of the sweep is the ClickHouse limit. ClickHouse
+# wants large, infrequent INSERTs, so a limit taken at skysnap's own batch size (2,000)
+# would flatter skysnap. skysnap has up to shards x pipeline.shard_commits_in_flight =
+# 2 x 2 = 4 INSERTs in flight.
+RAW_SWEEP = tuple((rows, concurrency) for rows in (2_000, 10_000, 100_000) for concurrency in (1, 2, 4))
 
 # The load every scenario gets: 8 agents (one connection each) x 4 concurrent streams x
-# 500 snapshots of 40 frames, as fast as the server acknowledges.
-LOAD = {"agents": 8, "streams": 4, "batch": 500, "depth": 40, "frame_pool": 3000}
+# 500 snapshots, as fast as the server acknowledges. Stacks: the realistic mix (every
+# segment distinct; 2,000 Zipf-popular shapes of 10 to 200 frames, runs of identical
+# dumps); `--stacks cycle` sends the 40-frame cycling stacks of earlier reports instead.
+LOAD_REALISTIC = {"agents": 8, "streams": 4, "batch": 500, "stacks": "realistic", "stack_shapes": 2000}
+LOAD_CYCLE = {"agents": 8, "streams": 4, "batch": 500, "stacks": "cycle", "depth": 40, "frame_pool": 3000}
+LOAD = LOAD_REALISTIC
 
 # The reading side (--analysis): one task of at least TASK_SNAPSHOTS snapshots from one
 # agent with 8 streams (so 8 x 4 segments' stacks, cycled), and one segment of
 # SEGMENT_SNAPSHOTS (analysis.max_snapshots) under a task id of its own.
-ANALYSIS_LOAD = {"agents": 1, "streams": 8, "batch": 500, "depth": 40, "frame_pool": 3000}
+ANALYSIS_LOAD = {"agents": 1, "streams": 8, "batch": 500, "stacks": "cycle", "depth": 40,
+                 "frame_pool": 3000}
 TASK_SNAPSHOTS = 1_000_000
 SEGMENT_SNAPSHOTS = 12_000
 ANALYSIS_CALLS = 9
@@ -202,12 +210,26 @@ def skysnap_serve(data_dir, extra_env):
     )
 
 
+def load_arguments(load):
+    """The `skysnap load` flags of a load description (LOAD's keys)."""
+    arguments = ["--agents", str(load["agents"]), "--streams", str(load["streams"]),
+                 "--batch", str(load["batch"])]
+    if load.get("stacks", "cycle") == "cycle":
+        return arguments + ["--stacks", "cycle", "--depth", str(load["depth"]),
+                            "--frame-pool", str(load["frame_pool"])]
+    return arguments + ["--stacks", "realistic", "--stack-shapes", str(load["stack_shapes"])]
+
+
+def stack_arguments(load):
+    """The same stacks for the raw ClickHouse baseline."""
+    if load.get("stacks", "cycle") == "cycle":
+        return ["--stacks", "cycle", "--depth", str(load["depth"]), "--pool", str(load["frame_pool"])]
+    return ["--stacks", "realistic", "--stack-shapes", str(load["stack_shapes"])]
+
+
 def run_load(grpc, http=None, seconds=10, rate=0):
     command = [SKYSNAP, "load", "--target", f"http://{grpc}", "--json",
-               "--duration", f"{seconds}s", "--rate", str(rate),
-               "--agents", str(LOAD["agents"]), "--streams", str(LOAD["streams"]),
-               "--batch", str(LOAD["batch"]), "--depth", str(LOAD["depth"]),
-               "--frame-pool", str(LOAD["frame_pool"])]
+               "--duration", f"{seconds}s", "--rate", str(rate)] + load_arguments(LOAD)
     command += ["--server", f"http://{http}"] if http else ["--no-check"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("SKYSNAP_")}
     timed = ["/usr/bin/time", "-f", "load_cpu_seconds=%U+%S"] + command
@@ -331,13 +353,12 @@ def scenario_clickhouse(seconds, rate=0):
     return result
 
 
-def scenario_raw_clickhouse(seconds, concurrency):
+def scenario_raw_clickhouse(seconds, rows, concurrency):
     database = f"skysnap_bench_raw_{uuid.uuid4().hex[:8]}"
     command = [RAW_CLICKHOUSE, "--url", CLICKHOUSE_URL, "--database", database,
-               "--concurrency", str(concurrency),
-               "--seconds", str(seconds), "--depth", str(LOAD["depth"]),
-               "--pool", str(LOAD["frame_pool"]), "--segment-snapshots", str(LOAD["batch"]),
-               "--json"]
+               "--batch", str(rows), "--concurrency", str(concurrency),
+               "--seconds", str(seconds), "--segment-snapshots", str(LOAD["batch"]),
+               "--json"] + stack_arguments(LOAD)
     services_before = service_cpu()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sampler = RssSampler(process.pid)
@@ -355,6 +376,7 @@ def scenario_raw_clickhouse(seconds, concurrency):
     report = json.loads(output)
     clickhouse(f"DROP DATABASE IF EXISTS {database}")
     return {
+        "rows_per_insert": rows,
         "concurrency": concurrency,
         "clickhouse_cpu_cores": (services_after["clickhouse"] - services_before["clickhouse"])
         / report["seconds"],
@@ -489,10 +511,7 @@ def load_once(grpc, http, options, seconds):
     """One `skysnap load` run with `options` (ANALYSIS_LOAD's keys) as fast as acknowledged;
     without `http` it creates no task and sends under `load-task-<run>-<agent>`."""
     command = [SKYSNAP, "load", "--target", f"http://{grpc}", "--json",
-               "--duration", f"{seconds}s", "--rate", "0",
-               "--agents", str(options["agents"]), "--streams", str(options["streams"]),
-               "--batch", str(options["batch"]), "--depth", str(options["depth"]),
-               "--frame-pool", str(options["frame_pool"])]
+               "--duration", f"{seconds}s", "--rate", "0"] + load_arguments(options)
     command += ["--server", f"http://{http}"] if http else ["--no-check"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("SKYSNAP_")}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 600)
@@ -859,9 +878,10 @@ def median_of(runs):
 def measure_all(runs, seconds):
     scenarios = [("bare_grpc", scenario_bare), ("discard", scenario_discard),
                  ("sqlite", scenario_sqlite), ("clickhouse", scenario_clickhouse)]
-    scenarios += [(f"raw_clickhouse_{concurrency}",
-                   lambda seconds, concurrency=concurrency: scenario_raw_clickhouse(seconds, concurrency))
-                  for concurrency in RAW_CONCURRENCY]
+    scenarios += [(f"raw_clickhouse_{rows}x{concurrency}",
+                   lambda seconds, rows=rows, concurrency=concurrency:
+                   scenario_raw_clickhouse(seconds, rows, concurrency))
+                  for rows, concurrency in RAW_SWEEP]
     results = {name: [] for name, _ in scenarios}
     results.update(kafka=[], consume=[])
     for run in range(runs):
@@ -892,6 +912,14 @@ def measure_all(runs, seconds):
             "medians": medians, "half_rate": half_rate, "outage": outage}
 
 
+def raw_label(key):
+    """`raw_clickhouse_10000x2` → "10,000-row INSERTs, 2 at once"; the older
+    `raw_clickhouse_4` (2,000-row INSERTs) too."""
+    shape = key.rsplit("_", 1)[1]
+    rows, concurrency = shape.split("x") if "x" in shape else ("2000", shape)
+    return f"{int(rows):,}-row INSERTs, {concurrency} at once"
+
+
 def fmt(value, digits=0):
     if value is None:
         return "–"
@@ -906,8 +934,7 @@ def render(results, soak_result):
         f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['rustc']}, ClickHouse {m['clickhouse']}. "
         "Load generator, skysnap and the servers all share the machine.",
         "",
-        f"Load: `skysnap load --agents {LOAD['agents']} --streams {LOAD['streams']} --batch {LOAD['batch']} "
-        f"--depth {LOAD['depth']} --frame-pool {LOAD['frame_pool']}` for {results['seconds']} s "
+        f"Load: `skysnap load {' '.join(load_arguments(results['load']))}` for {results['seconds']} s "
         f"as fast as acknowledged; median of {results['runs']} runs (the run with the median "
         "throughput; the other columns are medians of their own). CPU is cores of the measured "
         "process over the load; RSS its peak during the load.",
@@ -916,11 +943,11 @@ def render(results, soak_result):
         "| bytes on disk / snapshot | runs (snapshots/s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    raw_keys = [f"raw_clickhouse_{c}" for c in RAW_CONCURRENCY]
+    raw_keys = [key for key in medians if key.startswith("raw_clickhouse_")]
     limit_key = max(raw_keys, key=lambda key: medians[key]["snapshots_per_second"])
     names = [("bare_grpc", "bare tonic server (gRPC limit)"), ("discard", "skysnap, discard sink"),
              ("sqlite", "skysnap → SQLite")]
-    names += [(key, f"raw clickhouse-crate INSERTs, {key.rsplit('_', 1)[1]} at once"
+    names += [(key, f"raw clickhouse-crate, {raw_label(key)}"
                + (" (**ClickHouse limit**)" if key == limit_key else "")) for key in raw_keys]
     names += [("clickhouse", "skysnap → ClickHouse (direct)"), ("kafka", "skysnap → Kafka (kafka mode)"),
               ("consume", "skysnap consume, Kafka → ClickHouse")]
@@ -939,10 +966,13 @@ def render(results, soak_result):
         "| ratio | measured | target |",
         "|---|---:|---:|",
         f"| skysnap discard / bare tonic | {ratio('discard', 'bare_grpc'):.0%} | ≥ 80 % |",
-        f"| skysnap → ClickHouse / ClickHouse limit (raw, {limit_key.rsplit('_', 1)[1]} INSERTs at once) "
+        f"| skysnap → ClickHouse / ClickHouse limit (raw, {raw_label(limit_key)}) "
         f"| {ratio('clickhouse', limit_key):.0%} | ≥ 60 % |",
-        f"| skysnap → ClickHouse / raw with 4 INSERTs at once, as skysnap has at most "
-        f"| {ratio('clickhouse', 'raw_clickhouse_4'):.0%} | – |",
+    ] + [
+        f"| skysnap → ClickHouse / raw {raw_label(key)}, as skysnap batches "
+        f"| {ratio('clickhouse', key):.0%} | – |"
+        for key in raw_keys if key in ("raw_clickhouse_4", "raw_clickhouse_2000x4")
+    ] + [
         f"| skysnap → SQLite | {fmt(medians['sqlite']['snapshots_per_second'])} snapshots/s | ≥ 40,000 |",
         f"| skysnap → Kafka / bare tonic | {ratio('kafka', 'bare_grpc'):.0%} | – |",
         f"| consume → ClickHouse / ClickHouse limit | {ratio('consume', limit_key):.0%} | – |",
@@ -1129,7 +1159,12 @@ def main():
     parser.add_argument("--forwarding", action="store_true",
                         help="run only forwarding: trace segments straight to OAP vs through skysnap (~6 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON files")
+    parser.add_argument("--stacks", choices=("realistic", "cycle"), default="realistic",
+                        help="the load's stacks: the realistic mix (default) or the cycling 40-frame "
+                             "stacks of earlier reports")
     args = parser.parse_args()
+    global LOAD
+    LOAD = LOAD_REALISTIC if args.stacks == "realistic" else LOAD_CYCLE
     if not args.render_only:
         for binary in (SKYSNAP,) if args.analysis or args.forwarding else (SKYSNAP, BARE_GRPC, RAW_CLICKHOUSE):
             if not os.path.exists(binary):

@@ -28,6 +28,7 @@ use clap::Parser;
 use prost::Message as _;
 use skysnap::config::{ClickHouseConfig, PipelineConfig, RetentionConfig};
 use skysnap::load::{frame_pool, segment_snapshots};
+use skysnap::load_stacks::{RealisticShape, Rng, StackMix};
 use skysnap::model::second_bucket;
 use skysnap::proto::v3::ThreadSnapshot;
 use skysnap::store::clickhouse::{ClickHouseStore, SnapshotInsertRow as Row};
@@ -48,10 +49,17 @@ struct Args {
     /// Rows per INSERT (skysnap's pipeline.batch_max_snapshots).
     #[arg(long, default_value_t = PipelineConfig::default().batch_max_snapshots.get())]
     batch: usize,
-    /// Frames per stack.
+    /// Which stacks, as `skysnap load --stacks`: `realistic` (Zipf-popular shapes 10 to
+    /// 200 frames deep, runs of identical dumps) or `cycle` (--depth frames from --pool).
+    #[arg(long, default_value = "realistic")]
+    stacks: String,
+    /// Stack shapes of the realistic mix (`skysnap load --stack-shapes`).
+    #[arg(long, default_value_t = 2000)]
+    stack_shapes: usize,
+    /// Frames per stack (with --stacks cycle).
     #[arg(long, default_value_t = 40)]
     depth: usize,
-    /// Distinct frames the stacks are drawn from.
+    /// Distinct frames the stacks are drawn from (with --stacks cycle).
     #[arg(long, default_value_t = 3000)]
     pool: usize,
     /// Snapshots per segment (the load generator's --batch).
@@ -71,44 +79,110 @@ struct Args {
     json: bool,
 }
 
-/// A pre-generated snapshot with what the run counts for it.
+/// A pre-generated snapshot with what the run counts for it. Rows of the same stack
+/// share its frames.
 struct Prepared {
-    snapshot: ThreadSnapshot,
+    task_id: Arc<str>,
+    segment_id: String,
+    sequence: i32,
+    dump_time: i64,
     time_bucket: i64,
+    stack: Arc<Vec<String>>,
     encoded_bytes: u64,
     frame_bytes: u64,
 }
 
 impl Prepared {
-    fn new(snapshot: ThreadSnapshot) -> Prepared {
-        let frame_bytes = stack_of(&snapshot).iter().map(|f| f.len() as u64).sum();
+    fn new(task_id: &Arc<str>, snapshot: ThreadSnapshot, stack: Arc<Vec<String>>) -> Prepared {
+        let frame_bytes = stack.iter().map(|frame| frame.len() as u64).sum();
+        let head = ThreadSnapshot {
+            stack: None,
+            ..snapshot
+        };
+        let stack_bytes = skysnap::proto::v3::ThreadStack {
+            code_signatures: stack.to_vec(),
+        }
+        .encoded_len();
         Prepared {
-            time_bucket: second_bucket(snapshot.time),
-            encoded_bytes: snapshot.encoded_len() as u64,
+            task_id: task_id.clone(),
+            time_bucket: second_bucket(head.time),
+            encoded_bytes: (head.encoded_len() + stack_bytes + 3) as u64,
             frame_bytes,
-            snapshot,
+            segment_id: head.trace_segment_id,
+            sequence: head.sequence,
+            dump_time: head.time,
+            stack,
         }
     }
 
-    /// The row as inserted (the store's row type), borrowing from the snapshot.
+    /// The row as inserted (the store's row type), borrowing from the prepared one.
     fn row(&self) -> Row<'_> {
         Row {
-            task_id: &self.snapshot.task_id,
-            segment_id: &self.snapshot.trace_segment_id,
-            sequence: self.snapshot.sequence,
-            dump_time: self.snapshot.time,
+            task_id: &self.task_id,
+            segment_id: &self.segment_id,
+            sequence: self.sequence,
+            dump_time: self.dump_time,
             time_bucket: self.time_bucket,
-            stack: stack_of(&self.snapshot),
+            stack: &self.stack,
         }
     }
 }
 
-fn stack_of(snapshot: &ThreadSnapshot) -> &[String] {
-    snapshot
-        .stack
-        .as_ref()
-        .map(|stack| stack.code_signatures.as_slice())
-        .unwrap_or(&[])
+/// The rows of `segments` segments of `per_segment` snapshots, stacks as asked.
+fn prepare_rows(args: &Args, task_id: &str, run_id: &str, segments: usize) -> Vec<Prepared> {
+    let task_id: Arc<str> = Arc::from(task_id);
+    let per_segment = args.segment_snapshots as usize;
+    let start_ms = skysnap::model::now_ms();
+    let mut rows = Vec::with_capacity(segments * per_segment);
+    if args.stacks == "cycle" {
+        let pool = frame_pool(args.pool);
+        for segment in 0..segments {
+            let segment_id = format!("{run_id}.raw.{segment}");
+            for snapshot in segment_snapshots(
+                &task_id,
+                &segment_id,
+                args.segment_snapshots,
+                args.depth,
+                &pool,
+                segment as u64 + 1,
+            ) {
+                let stack = Arc::new(
+                    snapshot
+                        .stack
+                        .as_ref()
+                        .map(|stack| stack.code_signatures.clone())
+                        .unwrap_or_default(),
+                );
+                rows.push(Prepared::new(&task_id, snapshot, stack));
+            }
+        }
+        return rows;
+    }
+    let mix = StackMix::realistic(
+        RealisticShape {
+            shapes: args.stack_shapes,
+            ..RealisticShape::default()
+        },
+        1,
+    );
+    let stacks: Vec<Arc<Vec<String>>> = (0..mix.len())
+        .map(|index| Arc::new(mix.frames(index)))
+        .collect();
+    let mut rng = Rng::new(0x5eed);
+    for segment in 0..segments {
+        let segment_id = format!("{run_id}.raw.{segment}");
+        for (sequence, index) in mix.segment(&mut rng, per_segment).into_iter().enumerate() {
+            let snapshot = ThreadSnapshot {
+                task_id: task_id.to_string(),
+                trace_segment_id: segment_id.clone(),
+                time: start_ms + sequence as i64 * 10,
+                sequence: sequence as i32,
+                stack: None,
+            };
+            rows.push(Prepared::new(&task_id, snapshot, stacks[index].clone()));
+        }
+    }
+    rows
 }
 
 #[derive(Default)]
@@ -155,6 +229,9 @@ async fn main() -> anyhow::Result<()> {
     if args.batch == 0 || args.concurrency == 0 || args.segment_snapshots <= 0 || args.depth == 0 {
         anyhow::bail!("--batch, --concurrency, --segment-snapshots and --depth must be positive");
     }
+    if args.stacks != "realistic" && args.stacks != "cycle" {
+        anyhow::bail!("--stacks is realistic or cycle");
+    }
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         anyhow::bail!("--seconds must be a positive number");
     }
@@ -189,25 +266,9 @@ async fn main() -> anyhow::Result<()> {
     // Enough distinct rows that one round of concurrent INSERTs repeats none.
     let per_segment = args.segment_snapshots as usize;
     let segments = MIN_SEGMENTS.max((args.batch * args.concurrency).div_ceil(per_segment));
-    let pool = frame_pool(args.pool);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let task_id = format!("raw-task-{run_id}");
-    let mut rows = Vec::with_capacity(segments * per_segment);
-    for segment in 0..segments {
-        let segment_id = format!("{run_id}.raw.{segment}");
-        rows.extend(
-            segment_snapshots(
-                &task_id,
-                &segment_id,
-                args.segment_snapshots,
-                args.depth,
-                &pool,
-                segment as u64 + 1,
-            )
-            .into_iter()
-            .map(Prepared::new),
-        );
-    }
+    let rows = prepare_rows(&args, &task_id, &run_id, segments);
     let rows = Arc::new(rows);
     let prepared_rows = rows.len();
 
@@ -262,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
             "database": args.database,
             "batch": args.batch,
             "concurrency": args.concurrency,
+            "stacks": args.stacks,
+            "stack_shapes": args.stack_shapes,
             "depth": args.depth,
             "pool": args.pool,
             "segment_snapshots": args.segment_snapshots,
@@ -282,8 +345,8 @@ async fn main() -> anyhow::Result<()> {
     } else {
         println!(
             "raw_clickhouse: ClickHouse {version}, {}.{TABLE}, {} concurrent INSERTs of {} rows \
-             (depth {}, pool {}, {prepared_rows} distinct rows)",
-            args.database, args.concurrency, args.batch, args.depth, args.pool
+             ({} stacks, {prepared_rows} distinct rows)",
+            args.database, args.concurrency, args.batch, args.stacks
         );
         println!("  rows inserted       {inserted} in {inserts} INSERTs over {seconds:.2} s");
         println!("  rows/s              {rows_per_second:.0}");

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod load;
 pub mod load_segments;
+pub mod load_stacks;
 pub mod model;
 pub mod pipeline;
 pub mod process;

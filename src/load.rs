@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::grpc::raw::RawCodec;
+use crate::load_stacks::{RealisticShape, Rng, StackMix};
 use crate::proto::v3::profile_task_client::ProfileTaskClient;
 use crate::proto::v3::{Commands, ProfileTaskCommandQuery, ThreadSnapshot, ThreadStack};
 
@@ -34,11 +35,21 @@ pub struct LoadOptions {
     pub agents: usize,
     pub streams_per_agent: usize,
     pub snapshots_per_stream: i32,
-    pub stack_depth: usize,
-    pub frame_pool: usize,
+    /// Which stacks the snapshots carry.
+    pub stacks: StackChoice,
     /// Snapshots per second over all streams; 0 = as fast as possible.
     pub rate: u64,
     pub duration: Duration,
+}
+
+/// Which stacks `skysnap load` sends (see `crate::load_stacks`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StackChoice {
+    /// Distinct segments over a Zipf-popular pool of stack shapes (the default).
+    Realistic(RealisticShape),
+    /// Each stream cycles through 4 segments' stacks of `depth` frames drawn from
+    /// `frame_pool` signatures (the generator of earlier releases).
+    Cycle { depth: usize, frame_pool: usize },
 }
 
 /// What one run measured.
@@ -59,48 +70,7 @@ pub struct LoadReport {
     pub missing_opt: Option<u64>,
 }
 
-/// A small, fast, seedable generator (xorshift64*), so stacks are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound.max(1) as u64) as usize
-    }
-}
-
-/// Java-style signatures, `package.Class.method:line`.
-pub fn frame_pool(size: usize) -> Arc<[String]> {
-    let packages = [
-        "org.apache.catalina.core",
-        "org.springframework.web.servlet",
-        "com.shop.orders",
-        "io.netty.channel",
-        "java.util.concurrent",
-        "com.zaxxer.hikari.pool",
-    ];
-    (0..size.max(1))
-        .map(|n| {
-            let package = packages[n % packages.len()];
-            format!(
-                "{package}.Component{}.handle{}:{}",
-                n / 7,
-                n % 13,
-                10 + n % 400
-            )
-        })
-        .collect()
-}
+pub use crate::load_stacks::frame_pool;
 
 /// The snapshots of one segment: a root-first stack of `depth` frames whose deepest
 /// few frames change from one dump to the next, as a thread moves inside a request.
@@ -142,9 +112,6 @@ pub fn segment_snapshots(
 /// Distinct segments' stacks each stream cycles through.
 const STACK_TEMPLATES_PER_STREAM: u64 = 4;
 
-/// Field number of `stack` in `ThreadSnapshot`, the last field of the message.
-const STACK_FIELD: u32 = 5;
-
 /// Stacks of one segment, each already encoded as the `stack` field of a
 /// `ThreadSnapshot`: the generator builds its stacks once and sends them many times,
 /// so that the figures measure the server, not the generator's string copies.
@@ -159,7 +126,7 @@ impl EncodedStacks {
                     let mut field = BytesMut::new();
                     let stack = snapshot.stack.as_ref();
                     prost::encoding::message::encode(
-                        STACK_FIELD,
+                        crate::load_stacks::STACK_FIELD,
                         stack.unwrap_or(&ThreadStack::default()),
                         &mut field,
                     );
@@ -169,28 +136,38 @@ impl EncodedStacks {
         )
     }
 
-    /// The wire bytes of each snapshot of a segment: the small fields encoded fresh,
-    /// then the stack field; byte for byte what `ThreadSnapshot::encode` writes.
+    /// The wire bytes of each snapshot of a segment.
     pub fn messages(&self, task_id: &str, segment_id: &str, start_ms: i64) -> Vec<Bytes> {
-        self.0
-            .iter()
-            .enumerate()
-            .map(|(sequence, stack_field)| {
-                let sequence = sequence as i32;
-                let head = ThreadSnapshot {
-                    task_id: task_id.to_string(),
-                    trace_segment_id: segment_id.to_string(),
-                    time: start_ms + i64::from(sequence) * 10,
-                    sequence,
-                    stack: None,
-                };
-                let mut message = BytesMut::with_capacity(head.encoded_len() + stack_field.len());
-                head.encode(&mut message).expect("a BytesMut grows");
-                message.put_slice(stack_field);
-                message.freeze()
-            })
-            .collect()
+        segment_messages(self.0.iter(), task_id, segment_id, start_ms)
     }
+}
+
+/// The wire bytes of each snapshot of a segment, one per stack field given: the small
+/// fields encoded fresh, then the stack field; byte for byte what
+/// `ThreadSnapshot::encode` writes. Dumps are 10 ms apart.
+pub fn segment_messages<'a>(
+    stack_fields: impl Iterator<Item = &'a Bytes>,
+    task_id: &str,
+    segment_id: &str,
+    start_ms: i64,
+) -> Vec<Bytes> {
+    stack_fields
+        .enumerate()
+        .map(|(sequence, stack_field)| {
+            let sequence = sequence as i32;
+            let head = ThreadSnapshot {
+                task_id: task_id.to_string(),
+                trace_segment_id: segment_id.to_string(),
+                time: start_ms + i64::from(sequence) * 10,
+                sequence,
+                stack: None,
+            };
+            let mut message = BytesMut::with_capacity(head.encoded_len() + stack_field.len());
+            head.encode(&mut message).expect("a BytesMut grows");
+            message.put_slice(stack_field);
+            message.freeze()
+        })
+        .collect()
 }
 
 /// One `collectSnapshot` stream of already-encoded snapshots.
@@ -295,13 +272,92 @@ fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
     sorted[index].as_secs_f64() * 1_000.0
 }
 
+/// The stacks of a run, built once and shared by its streams.
+enum StreamStacks {
+    Realistic(Arc<StackMix>),
+    /// Per stream, its segments' stacks.
+    Cycle(Vec<Arc<Vec<EncodedStacks>>>, usize),
+}
+
+/// What one stream sends: its own draw from the realistic mix, or its cycle.
+enum OneStream {
+    Realistic(Arc<StackMix>, Rng),
+    Cycle(Arc<Vec<EncodedStacks>>, usize),
+}
+
+impl StreamStacks {
+    fn build(options: &LoadOptions) -> StreamStacks {
+        match &options.stacks {
+            StackChoice::Realistic(shape) => {
+                StreamStacks::Realistic(Arc::new(StackMix::realistic(*shape, 1)))
+            }
+            StackChoice::Cycle { depth, frame_pool } => {
+                let pool = crate::load_stacks::frame_pool(*frame_pool);
+                let mut streams = Vec::new();
+                for agent in 0..options.agents {
+                    for stream in 0..options.streams_per_agent {
+                        let templates: Vec<EncodedStacks> = (0..STACK_TEMPLATES_PER_STREAM)
+                            .map(|template| {
+                                let seed = (agent as u64) << 40 ^ (stream as u64) << 20 ^ template;
+                                EncodedStacks::new(&segment_snapshots(
+                                    "",
+                                    "",
+                                    options.snapshots_per_stream,
+                                    *depth,
+                                    &pool,
+                                    seed,
+                                ))
+                            })
+                            .collect();
+                        streams.push(Arc::new(templates));
+                    }
+                }
+                StreamStacks::Cycle(streams, options.streams_per_agent)
+            }
+        }
+    }
+
+    fn for_stream(&self, agent: usize, stream: usize) -> OneStream {
+        match self {
+            StreamStacks::Realistic(mix) => OneStream::Realistic(
+                mix.clone(),
+                Rng::new((agent as u64) << 32 ^ stream as u64 ^ 0x5eed),
+            ),
+            StreamStacks::Cycle(streams, per_agent) => {
+                OneStream::Cycle(streams[agent * per_agent + stream].clone(), 0)
+            }
+        }
+    }
+}
+
+impl OneStream {
+    /// The wire bytes of the next segment's snapshots.
+    fn next_segment(&mut self, task_id: &str, segment_id: &str, count: usize) -> Vec<Bytes> {
+        let now = crate::model::now_ms();
+        match self {
+            OneStream::Realistic(mix, rng) => {
+                let stacks = mix.segment(rng, count);
+                segment_messages(
+                    stacks.iter().map(|&index| mix.encoded(index)),
+                    task_id,
+                    segment_id,
+                    now,
+                )
+            }
+            OneStream::Cycle(templates, round) => {
+                *round += 1;
+                templates[*round % templates.len()].messages(task_id, segment_id, now)
+            }
+        }
+    }
+}
+
 pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     if options.agents == 0 || options.streams_per_agent == 0 || options.snapshots_per_stream <= 0 {
         bail!("--agents, --streams and --batch must be greater than zero");
     }
     let endpoint = Channel::from_shared(options.target.clone())
         .context("--target must be a URL such as http://127.0.0.1:11800")?;
-    let pool = frame_pool(options.frame_pool);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
 
     // Each agent has its own connection and polls like a real one; tasks come from the
@@ -329,28 +385,9 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         agents.push((task_id, channel));
     }
 
-    // Each stream sends its few segments' stacks over and over, each round under a new
-    // segment id; building them now keeps the generator's work per round to a few copies.
-    let mut stacks = Vec::new();
-    for agent in 0..options.agents {
-        for stream in 0..options.streams_per_agent {
-            let templates: Vec<EncodedStacks> = (0..STACK_TEMPLATES_PER_STREAM)
-                .map(|template| {
-                    let seed = (agent as u64) << 40 ^ (stream as u64) << 20 ^ template;
-                    EncodedStacks::new(&segment_snapshots(
-                        "",
-                        "",
-                        options.snapshots_per_stream,
-                        options.stack_depth,
-                        &pool,
-                        seed,
-                    ))
-                })
-                .collect();
-            stacks.push(templates);
-        }
-    }
-
+    // Every stack is encoded once, before the clock starts, so that each round costs the
+    // generator a few copies.
+    let stacks = StreamStacks::build(&options);
     let started = Instant::now();
     let deadline = started + options.duration;
     let sent = Arc::new(AtomicU64::new(0));
@@ -359,10 +396,9 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     let acknowledged: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
     let bytes = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    let mut stacks = stacks.into_iter();
     for (agent, (task_id, channel)) in agents.iter().enumerate() {
         for stream in 0..options.streams_per_agent {
-            let templates = stacks.next().expect("one stack set per stream");
+            let mut stream_stacks = stacks.for_stream(agent, stream);
             let (channel, options) = (channel.clone(), options.clone());
             let (sent, latencies, errors, acknowledged, bytes) = (
                 sent.clone(),
@@ -389,8 +425,11 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
                         tokio::time::sleep_until(wait.into()).await;
                     }
                     let segment = format!("{run_id}.{agent}.{stream}.{round}");
-                    let template = &templates[round as usize % templates.len()];
-                    let messages = template.messages(&task_id, &segment, crate::model::now_ms());
+                    let messages = stream_stacks.next_segment(
+                        &task_id,
+                        &segment,
+                        options.snapshots_per_stream as usize,
+                    );
                     let size: u64 = messages.iter().map(|m| m.len() as u64).sum();
                     let begun = Instant::now();
                     match collect_encoded(channel.clone(), messages, &options.agent_token_opt).await

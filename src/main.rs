@@ -69,10 +69,19 @@ struct LoadArgs {
     /// Snapshots per stream (the Java agent sends up to 500).
     #[arg(long, default_value_t = 500)]
     batch: i32,
-    /// Frames per stack.
+    /// Which stacks: `realistic` (every segment distinct; stacks 10 to 200 frames deep
+    /// drawn from --stack-shapes Zipf-popular shapes, each held for runs of 2 to 8 dumps)
+    /// or `cycle` (each stream cycles through 4 segments of --depth frames, as earlier
+    /// releases did).
+    #[arg(long, value_enum, default_value_t = StackMode::Realistic)]
+    stacks: StackMode,
+    /// Stack shapes (code paths) of the realistic mix; each has 4 variants.
+    #[arg(long, default_value_t = 2000)]
+    stack_shapes: usize,
+    /// Frames per stack (with --stacks cycle).
     #[arg(long, default_value_t = 40)]
     depth: usize,
-    /// Distinct frame signatures to draw from.
+    /// Distinct frame signatures to draw from (with --stacks cycle).
     #[arg(long, default_value_t = 3000)]
     frame_pool: usize,
     /// Snapshots per second over all streams; 0 = as fast as possible.
@@ -92,6 +101,12 @@ struct LoadArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StackMode {
+    Realistic,
+    Cycle,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -122,8 +137,18 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
         agents: args.agents,
         streams_per_agent: args.streams,
         snapshots_per_stream: args.batch,
-        stack_depth: args.depth,
-        frame_pool: args.frame_pool,
+        stacks: match args.stacks {
+            StackMode::Realistic => skysnap::load::StackChoice::Realistic(
+                skysnap::load_stacks::RealisticShape {
+                    shapes: args.stack_shapes,
+                    ..Default::default()
+                },
+            ),
+            StackMode::Cycle => skysnap::load::StackChoice::Cycle {
+                depth: args.depth,
+                frame_pool: args.frame_pool,
+            },
+        },
         rate: args.rate,
         duration: args.duration,
     };

@@ -138,12 +138,12 @@ fn load(args: LoadArgs) -> anyhow::Result<bool> {
         streams_per_agent: args.streams,
         snapshots_per_stream: args.batch,
         stacks: match args.stacks {
-            StackMode::Realistic => skysnap::load::StackChoice::Realistic(
-                skysnap::load_stacks::RealisticShape {
+            StackMode::Realistic => {
+                skysnap::load::StackChoice::Realistic(skysnap::load_stacks::RealisticShape {
                     shapes: args.stack_shapes,
                     ..Default::default()
-                },
-            ),
+                })
+            }
             StackMode::Cycle => skysnap::load::StackChoice::Cycle {
                 depth: args.depth,
                 frame_pool: args.frame_pool,

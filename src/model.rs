@@ -117,6 +117,33 @@ impl TaskLog {
 /// (task id, instance, operation).
 pub type TaskLogKey = (String, String, Operation);
 
+/// A stack's id in the stack dictionary: the 128-bit XXH3 hash of its frames, each
+/// written as its length (u32, little endian) and then its bytes, so that no two frame
+/// lists share an encoding. 128 bits put the chance of any collision among a billion
+/// distinct stacks near 10^-21 (birthday bound n²/2^129); XXH3 hashes a 3 KB stack in
+/// about 100 ns. It is not a cryptographic hash: an agent that wanted to could craft two
+/// stacks with one id, and then the two would share one stored stack. Anything that can
+/// send snapshots can already write any stack it likes, so that gives it nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StackId(pub [u8; 16]);
+
+impl StackId {
+    pub fn of<F: AsRef<[u8]>>(frames: &[F]) -> StackId {
+        let mut hasher = twox_hash::XxHash3_128::new();
+        for frame in frames {
+            let frame = frame.as_ref();
+            hasher.write(&(frame.len() as u32).to_le_bytes());
+            hasher.write(frame);
+        }
+        StackId(hasher.finish_128().to_be_bytes())
+    }
+
+    /// Lower-case hex, as SQL shows a 16-byte id (`hex()` in SQLite and ClickHouse).
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02X}")).collect()
+    }
+}
+
 /// One thread dump of a profiled segment; keyed by (task, segment, sequence).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -133,6 +160,15 @@ impl SnapshotRecord {
     /// Second bucket of the dump time, the row's time bucket.
     pub fn time_bucket(&self) -> i64 {
         second_bucket(self.dump_time)
+    }
+
+    /// The day (yyyyMMdd, UTC) of the dump: what partitions and retention count in.
+    pub fn day(&self) -> i64 {
+        self.time_bucket() / 1_000_000
+    }
+
+    pub fn stack_id(&self) -> StackId {
+        StackId::of(&self.stack)
     }
 
     /// Approximate bytes the record holds, for batch byte limits.

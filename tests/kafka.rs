@@ -226,8 +226,9 @@ fn refuse_segment_in_sqlite(db: &std::path::Path, segment: &str) {
     rusqlite::Connection::open(db)
         .unwrap()
         .execute_batch(&format!(
-            "CREATE TRIGGER refuse_segment BEFORE INSERT ON profile_thread_snapshot \
-             WHEN NEW.segment_id = '{segment}' \
+            "CREATE TRIGGER refuse_segment BEFORE INSERT ON profile_snapshot \
+             WHEN (SELECT segment_id FROM profile_segment_task \
+                   WHERE segment_pk = NEW.segment_pk) = '{segment}' \
              BEGIN SELECT RAISE(ABORT, 'segment {segment} refused by a store rule'); END;"
         ))
         .unwrap();
@@ -463,7 +464,7 @@ async fn test_consumer_waits_out_an_unusable_store_instead_of_dead_lettering() {
     .await;
     rusqlite::Connection::open(&db)
         .unwrap()
-        .execute_batch("DROP TABLE profile_thread_snapshot")
+        .execute_batch("DROP TABLE profile_snapshot")
         .unwrap();
     let messages: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..50)
         .map(|n| {

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lru::LruCache;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use std::num::NonZeroUsize;
 
 use futures::stream::{BoxStream, StreamExt as _};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +19,7 @@ use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilt
 use crate::config::SqliteSynchronous;
 use crate::model::{
     minute_bucket, second_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary,
-    SnapshotRecord, Task, TaskLog,
+    SnapshotRecord, StackId, Task, TaskLog,
 };
 
 /// Segment ids one `IN (…)` look-up carries at most (SQLite allows 32,766 parameters;
@@ -27,21 +29,18 @@ const SEGMENT_LOOKUP_CHUNK: usize = 500;
 /// Rows one retention statement deletes at most, so writers never wait long.
 const RETENTION_CHUNK_ROWS: i64 = 10_000;
 
-/// Distinct stacks, and bytes of their text, that a flame-graph scan counts in memory
-/// before it hands them on: the scan's memory stays bounded however many distinct (or
-/// deep) stacks a task has.
-const STACK_COUNT_FLUSH_ENTRIES: usize = 20_000;
-const STACK_COUNT_FLUSH_BYTES: usize = 32 * 1024 * 1024;
-
-/// Rows a flame-graph scan reads between two checks that its reader is still there.
-const STACK_COUNT_CHECK_ROWS: u64 = 4_096;
-
-/// Tables, keys and indexes. Stacks are JSON arrays of frames, and a profiled segment's
-/// spans a JSON array of span objects, so that `sqlite3` shows them and `json_each` can
-/// query them; a segment is one row, so it is never stored half. Snapshot rows (~2 KB) live in a rowid table,
-/// appended in arrival order, with the key as a unique index: SQLite advises WITHOUT
-/// ROWID only for small rows, and a key-ordered table of 2 KB rows splits pages on
-/// most inserts (measured: 3x slower and 2x larger on disk).
+/// Tables, keys and indexes. A profiled segment's spans are a JSON array of span objects
+/// and a stack a JSON array of frames, so that `sqlite3` shows them and `json_each` can
+/// query them; a segment is one row, so it is never stored half.
+///
+/// Snapshots are stored as a dictionary, as pprof, Pyroscope and Parca store stacks:
+/// each distinct stack once in `profile_stack`, each (task, segment) once in
+/// `profile_segment_task`, and each dump as four integers in `profile_snapshot`,
+/// keyed by (segment, sequence) in a WITHOUT ROWID table (a row is about 20 bytes). The
+/// view `profile_thread_snapshot` joins them back into the rows earlier releases stored,
+/// so that SQL written for those still runs. A stack's and a segment's `last_day` is the
+/// latest day (yyyyMMdd) of a snapshot that refers to it: retention removes it only
+/// after every such snapshot.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS profile_task (
     id                     TEXT PRIMARY KEY,
@@ -70,19 +69,45 @@ CREATE TABLE IF NOT EXISTS profile_task_log (
     PRIMARY KEY (task_id, instance, operation)
 ) WITHOUT ROWID;
 
-CREATE TABLE IF NOT EXISTS profile_thread_snapshot (
-    task_id     TEXT NOT NULL,
-    segment_id  TEXT NOT NULL,
-    sequence    INTEGER NOT NULL,
-    dump_time   INTEGER NOT NULL,
-    time_bucket INTEGER NOT NULL,
-    stack       TEXT NOT NULL,
-    UNIQUE (task_id, segment_id, sequence)
+CREATE TABLE IF NOT EXISTS profile_stack (
+    stack_pk INTEGER PRIMARY KEY,
+    stack_id BLOB NOT NULL UNIQUE,
+    last_day INTEGER NOT NULL,
+    frames   TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_segment
-    ON profile_thread_snapshot (segment_id, sequence);
-CREATE INDEX IF NOT EXISTS profile_thread_snapshot_by_bucket
-    ON profile_thread_snapshot (time_bucket);
+CREATE INDEX IF NOT EXISTS profile_stack_by_day ON profile_stack (last_day);
+
+CREATE TABLE IF NOT EXISTS profile_segment_task (
+    segment_pk INTEGER PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    first_day  INTEGER NOT NULL,
+    last_day   INTEGER NOT NULL,
+    UNIQUE (task_id, segment_id)
+);
+CREATE INDEX IF NOT EXISTS profile_segment_task_by_segment
+    ON profile_segment_task (segment_id, task_id);
+CREATE INDEX IF NOT EXISTS profile_segment_task_by_first_day
+    ON profile_segment_task (first_day);
+CREATE INDEX IF NOT EXISTS profile_segment_task_by_last_day
+    ON profile_segment_task (last_day);
+
+CREATE TABLE IF NOT EXISTS profile_snapshot (
+    segment_pk INTEGER NOT NULL,
+    sequence   INTEGER NOT NULL,
+    dump_time  INTEGER NOT NULL,
+    stack_pk   INTEGER NOT NULL,
+    PRIMARY KEY (segment_pk, sequence)
+) WITHOUT ROWID;
+
+CREATE VIEW IF NOT EXISTS profile_thread_snapshot AS
+SELECT g.task_id AS task_id, g.segment_id AS segment_id, s.sequence AS sequence,
+       s.dump_time AS dump_time,
+       CAST(strftime('%Y%m%d%H%M%S', s.dump_time / 1000, 'unixepoch') AS INTEGER) AS time_bucket,
+       k.frames AS stack, hex(k.stack_id) AS stack_id
+FROM profile_snapshot AS s
+JOIN profile_segment_task AS g ON g.segment_pk = s.segment_pk
+JOIN profile_stack AS k ON k.stack_pk = s.stack_pk;
 
 CREATE TABLE IF NOT EXISTS profiled_segment (
     segment_id  TEXT PRIMARY KEY,
@@ -102,10 +127,36 @@ CREATE INDEX IF NOT EXISTS profiled_segment_by_bucket ON profiled_segment (time_
 
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Writer>>,
     readers: Arc<Vec<Mutex<Connection>>>,
     /// Round-robin start for picking a reader.
     next_reader: AtomicUsize,
+}
+
+/// Stacks and segments the writer remembers having written, at most each.
+const INTERNED_STACKS: usize = 100_000;
+const INTERNED_SEGMENTS: usize = 100_000;
+
+/// The one writing connection and what it remembers of the dictionary: the integer key
+/// of each stack and segment it wrote and the days it wrote them for, so that a known
+/// stack costs no statement. Only what a committed transaction wrote is remembered.
+struct Writer {
+    connection: Connection,
+    stacks: LruCache<StackId, InternedStack>,
+    segments: LruCache<(String, String), InternedSegment>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InternedStack {
+    stack_pk: i64,
+    last_day: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InternedSegment {
+    segment_pk: i64,
+    first_day: i64,
+    last_day: i64,
 }
 
 fn open_connection(
@@ -158,7 +209,7 @@ fn map_error(error: &rusqlite::Error) -> StoreError {
     }
 }
 
-fn lock(connection: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+fn lock<T>(connection: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave a half-written transaction behind
     // (rusqlite rolls back on drop), so the connection stays usable.
     connection
@@ -200,9 +251,19 @@ impl SqliteStore {
         writer
             .execute_batch("PRAGMA cache_size=-65536;")
             .map_err(|error| map_error(&error))?;
+        let earlier_layout =
+            set_aside_earlier_layout(&writer).map_err(|error| map_error(&error))?;
         writer
             .execute_batch(SCHEMA)
             .map_err(|error| map_error(&error))?;
+        let mut writer = Writer {
+            connection: writer,
+            stacks: LruCache::new(NonZeroUsize::new(INTERNED_STACKS).expect("above zero")),
+            segments: LruCache::new(NonZeroUsize::new(INTERNED_SEGMENTS).expect("above zero")),
+        };
+        if earlier_layout {
+            migrate_earlier_layout(&mut writer).map_err(|error| map_error(&error))?;
+        }
         let readers = (0..read_connections.max(1))
             .map(|_| open_connection(path, busy_timeout, synchronous).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -225,8 +286,8 @@ impl SqliteStore {
     {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || {
-            let mut connection = lock(&writer);
-            work(&mut connection).map_err(|error| map_error(&error))
+            let mut writer = lock(&writer);
+            work(&mut writer.connection).map_err(|error| map_error(&error))
         })
         .await
         .map_err(|error| StoreError::Unavailable(format!("sqlite writer thread failed: {error}")))?
@@ -313,10 +374,9 @@ fn parse_stack(stack_json: &str) -> rusqlite::Result<Vec<String>> {
     })
 }
 
-type StackTextCounts = std::collections::HashMap<Box<str>, u64, foldhash::fast::RandomState>;
-
-/// Scans the matching rows once, counting equal stack texts in a bounded map that is
-/// handed to `sender` whenever it fills. Stops early when the receiver is gone.
+/// Counts the matching snapshots per stack in SQL (a GROUP BY of integer keys), then
+/// reads each distinct stack's frames once and hands it to `sender`. Stops early when
+/// the receiver is gone.
 fn count_stacks(
     connection: &Connection,
     filter: &SnapshotFilter,
@@ -324,49 +384,26 @@ fn count_stacks(
 ) -> rusqlite::Result<()> {
     let (where_sql, values) = snapshot_where(filter);
     let mut statement = connection.prepare(&format!(
-        "SELECT stack FROM profile_thread_snapshot {where_sql}"
+        "SELECT k.frames, c.count FROM \
+         (SELECT s.stack_pk AS stack_pk, COUNT(*) AS count \
+          FROM profile_snapshot AS s \
+          JOIN profile_segment_task AS g ON g.segment_pk = s.segment_pk \
+          {where_sql} GROUP BY s.stack_pk) AS c \
+         JOIN profile_stack AS k ON k.stack_pk = c.stack_pk"
     ))?;
     let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
-    // foldhash: every row's stack text (about 2 KB) is hashed once.
-    let mut counts: StackTextCounts = StackTextCounts::default();
-    let mut counted_bytes = 0usize;
-    let flush = |counts: &mut StackTextCounts| -> rusqlite::Result<bool> {
-        for (stack_json, count) in counts.drain() {
-            let stack = parse_stack(&stack_json)?;
-            if sender
-                .blocking_send(Ok(StackCount { stack, count }))
-                .is_err()
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    };
-    let mut rows_read = 0u64;
     while let Some(row) = rows.next()? {
-        rows_read += 1;
+        let stack = parse_stack(row.get_ref(0)?.as_str()?)?;
+        let count: i64 = row.get(1)?;
+        let counted = StackCount {
+            stack,
+            count: count.max(0) as u64,
+        };
         // A caller that went away (a closed HTTP request) stops the scan.
-        if rows_read.is_multiple_of(STACK_COUNT_CHECK_ROWS) && sender.is_closed() {
+        if sender.blocking_send(Ok(counted)).is_err() {
             return Ok(());
         }
-        let stack_json = row.get_ref(0)?.as_str()?;
-        match counts.get_mut(stack_json) {
-            Some(count) => *count += 1,
-            None => {
-                let full = counts.len() >= STACK_COUNT_FLUSH_ENTRIES
-                    || counted_bytes + stack_json.len() > STACK_COUNT_FLUSH_BYTES;
-                if full {
-                    if !flush(&mut counts)? {
-                        return Ok(());
-                    }
-                    counted_bytes = 0;
-                }
-                counted_bytes += stack_json.len();
-                counts.insert(Box::from(stack_json), 1);
-            }
-        }
     }
-    flush(&mut counts)?;
     Ok(())
 }
 
@@ -406,17 +443,6 @@ fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord
         dump_time: row.get(3)?,
         stack,
     })
-}
-
-/// A snapshot as the writer thread inserts it.
-struct SqliteSnapshotRow {
-    task_id: String,
-    segment_id: String,
-    sequence: i32,
-    dump_time: i64,
-    time_bucket: i64,
-    /// The stack as a JSON array of frame strings, queryable with `json_each`.
-    stack_json: String,
 }
 
 /// A profiled segment as the writer thread inserts it.
@@ -583,36 +609,18 @@ impl Store for SqliteStore {
     }
 
     async fn insert_snapshots(&self, snapshots: &[SnapshotRecord]) -> Result<(), StoreError> {
-        // Encode outside the writer lock: only the inserts hold it. The writer thread
-        // needs owned rows; the stack goes over as its JSON text, not as forty strings.
-        let rows: Vec<SqliteSnapshotRow> = snapshots
-            .iter()
-            .map(|snapshot| SqliteSnapshotRow {
-                task_id: snapshot.task_id.clone(),
-                segment_id: snapshot.segment_id.clone(),
-                sequence: snapshot.sequence,
-                dump_time: snapshot.dump_time,
-                time_bucket: snapshot.time_bucket(),
-                stack_json: serde_json::to_string(&snapshot.stack).expect("strings serialise"),
-            })
-            .collect();
-        self.insert_rows(
-            "INSERT OR IGNORE INTO profile_thread_snapshot \
-             (task_id, segment_id, sequence, dump_time, time_bucket, stack) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            rows,
-            |statement, row| {
-                statement.execute(params![
-                    row.task_id,
-                    row.segment_id,
-                    row.sequence,
-                    row.dump_time,
-                    row.time_bucket,
-                    row.stack_json,
-                ])
-            },
-        )
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        // Hashing and JSON outside the writer lock: only the statements hold it.
+        let batch = SnapshotBatch::new(snapshots);
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = lock(&writer);
+            write_snapshot_batch(&mut writer, &batch, |_| Ok(())).map_err(|error| map_error(&error))
+        })
         .await
+        .map_err(|error| StoreError::Unavailable(format!("sqlite writer thread failed: {error}")))?
     }
 
     async fn task_segments(&self, task_id: &str) -> Result<Vec<SegmentSummary>, StoreError> {
@@ -828,10 +836,10 @@ impl Store for SqliteStore {
             let mut found = std::collections::HashSet::new();
             for chunk in wanted.chunks(SEGMENT_LOOKUP_CHUNK) {
                 let placeholders = vec!["?"; chunk.len()].join(", ");
-                // Served by the (segment_id, sequence) index. Not cached: the last
-                // chunk's length varies.
+                // Served by the segment index. Not cached: the last chunk's length
+                // varies.
                 let mut statement = connection.prepare(&format!(
-                    "SELECT DISTINCT segment_id FROM profile_thread_snapshot \
+                    "SELECT DISTINCT segment_id FROM profile_segment_task \
                      WHERE segment_id IN ({placeholders})"
                 ))?;
                 let rows = statement
@@ -853,13 +861,57 @@ impl Store for SqliteStore {
     async fn remove_expired(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
         let minute_cutoff = minute_bucket(cutoff_ms);
         let second_cutoff = second_bucket(cutoff_ms);
-        let mut removed = 0;
+        let cutoff_day = second_cutoff / 1_000_000;
+        // Snapshots by their dump's second, as their time bucket says; then the
+        // segments and stacks whose latest snapshot day has passed, which no kept
+        // snapshot can refer to any more.
+        let first_kept_ms = cutoff_ms - cutoff_ms.rem_euclid(1_000);
+        let mut removed = self
+            .write(move |connection| {
+                delete_chunks(
+                    connection,
+                    "DELETE FROM profile_snapshot WHERE (segment_pk, sequence) IN \
+                     (SELECT s.segment_pk, s.sequence FROM profile_segment_task AS g \
+                      JOIN profile_snapshot AS s ON s.segment_pk = g.segment_pk \
+                      WHERE g.first_day <= ?1 AND s.dump_time < ?2 LIMIT ?3)",
+                    params![cutoff_day, first_kept_ms, RETENTION_CHUNK_ROWS],
+                )
+            })
+            .await?;
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = lock(&writer);
+            let dictionary = ["profile_segment_task", "profile_stack"]
+                .into_iter()
+                .map(|table| {
+                    let key = if table == "profile_stack" {
+                        "stack_pk"
+                    } else {
+                        "segment_pk"
+                    };
+                    delete_chunks(
+                        &mut writer.connection,
+                        &format!(
+                            "DELETE FROM {table} WHERE {key} IN \
+                             (SELECT {key} FROM {table} WHERE last_day < ?1 LIMIT ?2)"
+                        ),
+                        params![cutoff_day, RETENTION_CHUNK_ROWS],
+                    )
+                })
+                .sum::<rusqlite::Result<u64>>()
+                .map_err(|error| map_error(&error))?;
+            if dictionary > 0 {
+                // A remembered key may be one just deleted: forget them all.
+                writer.stacks.clear();
+                writer.segments.clear();
+            }
+            Ok::<u64, StoreError>(dictionary)
+        })
+        .await
+        .map_err(|error| {
+            StoreError::Unavailable(format!("sqlite writer thread failed: {error}"))
+        })??;
         let tables = [
-            (
-                "profile_thread_snapshot",
-                "task_id, segment_id, sequence",
-                second_cutoff,
-            ),
             (
                 "profile_task_log",
                 "task_id, instance, operation",
@@ -878,6 +930,278 @@ impl Store for SqliteStore {
     }
 }
 
+/// A batch of snapshots ready for the writer: each distinct stack and segment once,
+/// with the days its rows need it for, and each row as indices into them. Built outside
+/// the writer lock; a stack's frames are turned into JSON once per batch.
+struct SnapshotBatch {
+    stacks: Vec<BatchStack>,
+    segments: Vec<BatchSegment>,
+    rows: Vec<BatchRow>,
+}
+
+struct BatchStack {
+    stack_id: StackId,
+    /// The latest day of a row of this batch that refers to it.
+    day: i64,
+    frames_json: String,
+}
+
+struct BatchSegment {
+    task_id: String,
+    segment_id: String,
+    first_day: i64,
+    last_day: i64,
+}
+
+struct BatchRow {
+    segment: usize,
+    stack: usize,
+    sequence: i32,
+    dump_time: i64,
+}
+
+impl SnapshotBatch {
+    fn new(snapshots: &[SnapshotRecord]) -> SnapshotBatch {
+        let mut stacks: Vec<BatchStack> = Vec::new();
+        let mut segments: Vec<BatchSegment> = Vec::new();
+        let mut stack_index: std::collections::HashMap<StackId, usize> = Default::default();
+        let mut segment_index: std::collections::HashMap<(&str, &str), usize> = Default::default();
+        let mut rows = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            let day = snapshot.day();
+            let stack_id = snapshot.stack_id();
+            let stack = *stack_index.entry(stack_id).or_insert_with(|| {
+                stacks.push(BatchStack {
+                    stack_id,
+                    day,
+                    frames_json: serde_json::to_string(&snapshot.stack).expect("strings serialise"),
+                });
+                stacks.len() - 1
+            });
+            stacks[stack].day = stacks[stack].day.max(day);
+            let key = (snapshot.task_id.as_str(), snapshot.segment_id.as_str());
+            let segment = *segment_index.entry(key).or_insert_with(|| {
+                segments.push(BatchSegment {
+                    task_id: snapshot.task_id.clone(),
+                    segment_id: snapshot.segment_id.clone(),
+                    first_day: day,
+                    last_day: day,
+                });
+                segments.len() - 1
+            });
+            let entry = &mut segments[segment];
+            entry.first_day = entry.first_day.min(day);
+            entry.last_day = entry.last_day.max(day);
+            rows.push(BatchRow {
+                segment,
+                stack,
+                sequence: snapshot.sequence,
+                dump_time: snapshot.dump_time,
+            });
+        }
+        SnapshotBatch {
+            stacks,
+            segments,
+            rows,
+        }
+    }
+}
+
+/// Writes a batch in one transaction: the stacks and segments the writer does not know
+/// for these days (an upsert that keeps the latest day, answering the integer key),
+/// then one row per snapshot, then `also` (the migration deletes what it moved). A
+/// re-sent snapshot keeps its first row.
+fn write_snapshot_batch(
+    writer: &mut Writer,
+    batch: &SnapshotBatch,
+    also: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let Writer {
+        connection,
+        stacks: known_stacks,
+        segments: known_segments,
+    } = writer;
+    let transaction = connection.transaction()?;
+    let mut stack_pks = Vec::with_capacity(batch.stacks.len());
+    let mut segment_pks = Vec::with_capacity(batch.segments.len());
+    let mut learned_stacks = Vec::new();
+    let mut learned_segments = Vec::new();
+    {
+        let mut upsert_stack = transaction.prepare_cached(
+            "INSERT INTO profile_stack (stack_id, last_day, frames) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (stack_id) DO UPDATE SET last_day = max(last_day, excluded.last_day) \
+             RETURNING stack_pk, last_day",
+        )?;
+        for stack in &batch.stacks {
+            match known_stacks.get(&stack.stack_id) {
+                Some(known) if known.last_day >= stack.day => stack_pks.push(known.stack_pk),
+                _ => {
+                    let interned = upsert_stack.query_row(
+                        params![&stack.stack_id.0[..], stack.day, stack.frames_json],
+                        |row| {
+                            Ok(InternedStack {
+                                stack_pk: row.get(0)?,
+                                last_day: row.get(1)?,
+                            })
+                        },
+                    )?;
+                    stack_pks.push(interned.stack_pk);
+                    learned_stacks.push((stack.stack_id, interned));
+                }
+            }
+        }
+        let mut upsert_segment = transaction.prepare_cached(
+            "INSERT INTO profile_segment_task (task_id, segment_id, first_day, last_day) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (task_id, segment_id) DO UPDATE SET \
+             first_day = min(first_day, excluded.first_day), \
+             last_day = max(last_day, excluded.last_day) \
+             RETURNING segment_pk, first_day, last_day",
+        )?;
+        for segment in &batch.segments {
+            let key = (segment.task_id.clone(), segment.segment_id.clone());
+            match known_segments.get(&key) {
+                Some(known)
+                    if known.first_day <= segment.first_day
+                        && known.last_day >= segment.last_day =>
+                {
+                    segment_pks.push(known.segment_pk)
+                }
+                _ => {
+                    let interned = upsert_segment.query_row(
+                        params![
+                            segment.task_id,
+                            segment.segment_id,
+                            segment.first_day,
+                            segment.last_day
+                        ],
+                        |row| {
+                            Ok(InternedSegment {
+                                segment_pk: row.get(0)?,
+                                first_day: row.get(1)?,
+                                last_day: row.get(2)?,
+                            })
+                        },
+                    )?;
+                    segment_pks.push(interned.segment_pk);
+                    learned_segments.push((key, interned));
+                }
+            }
+        }
+        let mut insert = transaction.prepare_cached(
+            "INSERT OR IGNORE INTO profile_snapshot (segment_pk, sequence, dump_time, stack_pk) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for row in &batch.rows {
+            insert.execute(params![
+                segment_pks[row.segment],
+                row.sequence,
+                row.dump_time,
+                stack_pks[row.stack]
+            ])?;
+        }
+    }
+    also(&transaction)?;
+    transaction.commit()?;
+    // Keys of a transaction that rolled back would not exist: remembered after commit.
+    for (stack_id, interned) in learned_stacks {
+        known_stacks.put(stack_id, interned);
+    }
+    for (key, interned) in learned_segments {
+        known_segments.put(key, interned);
+    }
+    Ok(())
+}
+
+/// The snapshot table of earlier releases (one row per snapshot, its stack as JSON text):
+/// renamed aside, before the schema creates the view under its name. Answers whether
+/// there are rows to migrate (also after a migration that a crash interrupted).
+fn set_aside_earlier_layout(connection: &Connection) -> rusqlite::Result<bool> {
+    let kind: Option<String> = connection
+        .query_row(
+            "SELECT type FROM sqlite_master WHERE name = 'profile_thread_snapshot'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if kind.as_deref() == Some("table") {
+        connection.execute_batch(
+            "ALTER TABLE profile_thread_snapshot RENAME TO profile_thread_snapshot_v1",
+        )?;
+    }
+    let aside: Option<String> = connection
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE name = 'profile_thread_snapshot_v1'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(aside.is_some())
+}
+
+/// Rows of the earlier layout moved per transaction.
+const MIGRATION_CHUNK_ROWS: i64 = 10_000;
+
+/// Moves the earlier layout's snapshots into the dictionary, a chunk per transaction
+/// (each chunk written and deleted from the old table together, so a crash loses
+/// nothing and the next start goes on), then drops the old table.
+fn migrate_earlier_layout(writer: &mut Writer) -> rusqlite::Result<()> {
+    let total: i64 = writer.connection.query_row(
+        "SELECT COUNT(*) FROM profile_thread_snapshot_v1",
+        [],
+        |row| row.get(0),
+    )?;
+    tracing::info!(
+        snapshots = total,
+        "sqlite: moving the snapshots of the earlier layout into the stack dictionary"
+    );
+    let mut moved = 0i64;
+    loop {
+        let chunk: Vec<(i64, SnapshotRecord)> = {
+            let mut statement = writer.connection.prepare_cached(
+                "SELECT rowid, task_id, segment_id, sequence, dump_time, stack \
+                 FROM profile_thread_snapshot_v1 ORDER BY rowid LIMIT ?1",
+            )?;
+            let rows = statement.query_map([MIGRATION_CHUNK_ROWS], |row| {
+                Ok((
+                    row.get(0)?,
+                    SnapshotRecord {
+                        task_id: row.get(1)?,
+                        segment_id: row.get(2)?,
+                        sequence: row.get(3)?,
+                        dump_time: row.get(4)?,
+                        stack: parse_stack(row.get_ref(5)?.as_str()?)?,
+                    },
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(&(last_rowid, _)) = chunk.last() else {
+            break;
+        };
+        let records: Vec<SnapshotRecord> = chunk.into_iter().map(|(_, record)| record).collect();
+        let batch = SnapshotBatch::new(&records);
+        // The chunk's delete rides in the same transaction as its inserts.
+        write_snapshot_batch(writer, &batch, |transaction| {
+            transaction
+                .execute(
+                    "DELETE FROM profile_thread_snapshot_v1 WHERE rowid <= ?1",
+                    [last_rowid],
+                )
+                .map(|_| ())
+        })?;
+        moved += records.len() as i64;
+        tracing::info!(moved, of = total, "sqlite: migrating snapshots");
+    }
+    writer
+        .connection
+        .execute_batch("DROP TABLE profile_thread_snapshot_v1")?;
+    tracing::info!(
+        snapshots = moved,
+        "sqlite: earlier layout migrated and dropped"
+    );
+    Ok(())
+}
+
 /// The ids once each, in the order first given.
 fn distinct_in_order(segment_ids: &[String]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
@@ -888,6 +1212,23 @@ fn distinct_in_order(segment_ids: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Runs a chunked DELETE (its last parameter the chunk size) until a chunk comes back
+/// short; answers the rows deleted.
+fn delete_chunks(
+    connection: &mut Connection,
+    sql: &str,
+    parameters: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<u64> {
+    let mut removed = 0;
+    loop {
+        let deleted = connection.execute(sql, parameters)?;
+        removed += deleted as u64;
+        if (deleted as i64) < RETENTION_CHUNK_ROWS {
+            return Ok(removed);
+        }
+    }
+}
+
 /// Deletes expired rows of one table chunk by chunk; answers the rows deleted.
 fn delete_in_chunks(
     connection: &mut Connection,
@@ -895,18 +1236,14 @@ fn delete_in_chunks(
     key: &str,
     cutoff_bucket: i64,
 ) -> rusqlite::Result<u64> {
-    let sql = format!(
-        "DELETE FROM {table} WHERE ({key}) IN \
-         (SELECT {key} FROM {table} WHERE time_bucket < ?1 LIMIT ?2)"
-    );
-    let mut removed = 0;
-    loop {
-        let deleted = connection.execute(&sql, params![cutoff_bucket, RETENTION_CHUNK_ROWS])?;
-        removed += deleted as u64;
-        if (deleted as i64) < RETENTION_CHUNK_ROWS {
-            return Ok(removed);
-        }
-    }
+    delete_chunks(
+        connection,
+        &format!(
+            "DELETE FROM {table} WHERE ({key}) IN \
+             (SELECT {key} FROM {table} WHERE time_bucket < ?1 LIMIT ?2)"
+        ),
+        params![cutoff_bucket, RETENTION_CHUNK_ROWS],
+    )
 }
 
 #[cfg(test)]
@@ -980,8 +1317,10 @@ mod tests {
         // A rule that refuses one row: that row is rejected, others pass.
         admin
             .execute_batch(
-                "CREATE TRIGGER refuse BEFORE INSERT ON profile_thread_snapshot \
-                 WHEN NEW.segment_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+                "CREATE TRIGGER refuse BEFORE INSERT ON profile_snapshot \
+                 WHEN (SELECT segment_id FROM profile_segment_task \
+                       WHERE segment_pk = NEW.segment_pk) = 'bad' \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
             )
             .unwrap();
         let refused = store
@@ -995,9 +1334,7 @@ mod tests {
             .await
             .unwrap();
         // A missing table: nothing can be stored until it is back, so it is retried.
-        admin
-            .execute_batch("DROP TABLE profile_thread_snapshot")
-            .unwrap();
+        admin.execute_batch("DROP TABLE profile_snapshot").unwrap();
         let unusable = store
             .insert_snapshots(&[snapshot("t", "good", 1)])
             .await

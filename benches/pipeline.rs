@@ -136,8 +136,10 @@ async fn clickhouse_endpoint(stats: Arc<EndpointStats>) -> String {
     format!("http://{addr}")
 }
 
-/// One shard batch as `ClickHouseStore::insert_snapshots` writes it: borrowed rows,
-/// `client.insert` (no round trip: validation is off), `write` per row, `end`.
+/// One shard batch as full rows (frames in each row: the layout before the stack
+/// dictionary, which `ClickHouseStore::insert_snapshots` no longer writes; kept as the
+/// encoding cost the dictionary avoids): borrowed rows, `client.insert` (no round trip:
+/// validation is off), `write` per row, `end`.
 async fn insert_batch(client: &Client, batch: &[SnapshotRecord]) {
     let rows: Vec<SnapshotInsertRow<'_>> = batch.iter().map(SnapshotInsertRow::from).collect();
     let mut insert = client

@@ -1,5 +1,6 @@
 //! The "ClickHouse limit" baseline: raw RowBinary INSERTs over HTTP with the
-//! `clickhouse` crate, of the same rows skysnap stores in `profile_thread_snapshot`,
+//! `clickhouse` crate, of the same snapshots skysnap stores, as full rows (frames in the
+//! row, the layout before the stack dictionary, table `raw_thread_snapshot`),
 //! with no gRPC and no skysnap pipeline in the way.
 //!
 //! The snapshots come from the load generator's own functions (`skysnap::load`), are
@@ -9,9 +10,9 @@
 //!
 //!   cargo run --release --example raw_clickhouse -- --seconds 5 --json
 //!
-//! The database and table are created with skysnap's DDL for the server's version
-//! (`ClickHouseStore::connect`, which renders `schemas/clickhouse.sql` for it); the
-//! table is truncated first unless `--keep`.
+//! The database is created with skysnap's DDL for the server's version
+//! (`ClickHouseStore::connect`, which renders `schemas/clickhouse.sql` for it) and the
+//! full-row table next to it; the table is truncated first unless `--keep`.
 //!
 //! The pre-generated rows are reused cyclically, so keys repeat across INSERTs; the
 //! table is a ReplacingMergeTree, so background merges collapse the repeats. The
@@ -33,7 +34,24 @@ use skysnap::model::second_bucket;
 use skysnap::proto::v3::ThreadSnapshot;
 use skysnap::store::clickhouse::{ClickHouseStore, SnapshotInsertRow as Row};
 
-const TABLE: &str = "profile_thread_snapshot";
+/// The full-row layout of skysnap before the stack dictionary (one row per snapshot, its
+/// frames in the row): what a raw INSERT of the same rows costs, as the reference the
+/// dictionary has to beat.
+const TABLE: &str = "raw_thread_snapshot";
+
+fn full_row_ddl(modern: bool) -> String {
+    let (delta, frames) = if modern {
+        (" CODEC(Delta, ZSTD(1))", " CODEC(ZSTD(3))")
+    } else {
+        ("", "")
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {TABLE} (task_id String, segment_id String, sequence Int32, \
+         dump_time Int64{delta}, time_bucket Int64{delta}, stack Array(String){frames}) \
+         ENGINE = ReplacingMergeTree() PARTITION BY intDiv(time_bucket, 1000000) \
+         ORDER BY (task_id, segment_id, sequence)"
+    )
+}
 /// Segments generated before the run (at least; more when one round needs more rows).
 const MIN_SEGMENTS: usize = 64;
 
@@ -255,6 +273,11 @@ async fn main() -> anyhow::Result<()> {
         .with_url(&args.url)
         .with_validation(false)
         .with_database(&args.database);
+    client
+        .query(&full_row_ddl(version.is_modern()))
+        .execute()
+        .await
+        .context("CREATE TABLE")?;
     if !args.keep {
         client
             .query(&format!("TRUNCATE TABLE {TABLE}"))

@@ -10,6 +10,9 @@
 -- Every table is a ReplacingMergeTree ordered by its key: a re-sent snapshot or a
 -- replayed Kafka message collapses at merge time. Until then a query that must count
 -- each key once reads the table with FINAL (or LIMIT 1 BY the key), as below.
+-- Snapshots are stored as a stack dictionary: each distinct stack once (profile_stack),
+-- each dump as its key and the id of its stack (profile_snapshot); the view
+-- profile_thread_snapshot joins the frames back.
 -- Rows expire by TTL on the day of their time bucket, kept for the configured
 -- retention (default 3 days) — the same rule by which skysnap drops whole day
 -- partitions on servers without TTL.
@@ -60,25 +63,57 @@ PARTITION BY intDiv(time_bucket, 1000000)
 ORDER BY (task_id, instance, operation)
 TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;
 
--- One row per thread dump of a profiled segment, keyed by (task, segment, sequence).
--- stack holds the frames root first, as the agent formatted them
--- (Java: class.method:line, Python: file.func: line). time_bucket is the second of
--- dump_time (yyyyMMddHHmmss).
---   SELECT sequence, dump_time, stack FROM skysnap.profile_thread_snapshot FINAL
---   WHERE task_id = '<task>' AND segment_id = '<segment>' ORDER BY sequence;
-CREATE TABLE IF NOT EXISTS skysnap.profile_thread_snapshot
+-- The stack dictionary: each distinct stack once per day in which a snapshot of it was
+-- stored. stack_id is the 128-bit XXH3 hash of the frames (each as its length, u32
+-- little endian, then its bytes); frames are root first, as the agent formatted them
+-- (Java: class.method:line, Python: file.func: line). A stack is written again on each
+-- day it is seen, so it expires only with the last day of its snapshots.
+--   SELECT any(frames) FROM skysnap.profile_stack WHERE stack_id = unhex('<stack_id>');
+CREATE TABLE IF NOT EXISTS skysnap.profile_stack
+(
+    stack_id FixedString(16),
+    day      Int64,
+    frames   Array(String) CODEC(ZSTD(3))
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY day
+ORDER BY stack_id
+TTL makeDate(intDiv(day, 10000), intDiv(day, 100) % 100, day % 100) + INTERVAL 3 DAY;
+
+-- One row per thread dump of a profiled segment, keyed by (task, segment, sequence),
+-- referring to its stack by id. time_bucket is the second of dump_time (yyyyMMddHHmmss).
+CREATE TABLE IF NOT EXISTS skysnap.profile_snapshot
 (
     task_id     String,
     segment_id  String,
     sequence    Int32,
     dump_time   Int64 CODEC(Delta, ZSTD(1)),
     time_bucket Int64 CODEC(Delta, ZSTD(1)),
-    stack       Array(String) CODEC(ZSTD(3))
+    stack_id    FixedString(16)
 )
 ENGINE = ReplacingMergeTree()
 PARTITION BY intDiv(time_bucket, 1000000)
 ORDER BY (task_id, segment_id, sequence)
 TTL makeDate(intDiv(time_bucket, 10000000000), intDiv(time_bucket, 100000000) % 100, intDiv(time_bucket, 1000000) % 100) + INTERVAL 3 DAY;
+
+-- The snapshots with their frames, as one row per dump (the rows of skysnap's earlier
+-- layout, stack_id added): one FROM for SQL users. It reads through the dictionary, so
+-- a re-sent snapshot that is not merged away yet is a second row: count each key once
+-- (LIMIT 1 BY task_id, segment_id, sequence, or uniqExact of the key) rather than with
+-- FINAL. On servers before 19.x, add SETTINGS enable_optimize_predicate_expression = 1
+-- to a query of the view, or its WHERE reaches the tables only after the join.
+--   SELECT sequence, dump_time, stack FROM skysnap.profile_thread_snapshot
+--   WHERE task_id = '<task>' AND segment_id = '<segment>'
+--   ORDER BY sequence LIMIT 1 BY sequence;
+CREATE VIEW IF NOT EXISTS skysnap.profile_thread_snapshot AS
+SELECT task_id, segment_id, sequence, dump_time, time_bucket, stack, stack_id
+FROM skysnap.profile_snapshot
+ANY LEFT JOIN
+(
+    SELECT stack_id, any(frames) AS stack
+    FROM skysnap.profile_stack
+    GROUP BY stack_id
+) AS stacks USING stack_id;
 
 -- One row per trace segment that has snapshots, kept with all its spans (a segment is
 -- never stored half), so that a profiled request's span tree can be read. The spans are
@@ -147,7 +182,7 @@ FROM skysnap.profile_task;
 -- filled from every snapshot INSERT by the materialized view below. A read of one
 -- segment's snapshots (the API and the analysis ask by segment alone) looks the task
 -- up here first, so that it uses profile_thread_snapshot's key instead of scanning it:
---   SELECT sequence, dump_time, stack FROM skysnap.profile_thread_snapshot FINAL
+--   SELECT sequence, dump_time, stack_id FROM skysnap.profile_snapshot FINAL
 --   WHERE task_id IN (SELECT task_id FROM skysnap.profile_segment_task WHERE segment_id = '<segment>')
 --     AND segment_id = '<segment>' ORDER BY sequence;
 -- day is the yyyyMMdd of the snapshots' time buckets: a row lives in the partition of
@@ -166,5 +201,5 @@ TTL makeDate(intDiv(day, 10000), intDiv(day, 100) % 100, day % 100) + INTERVAL 3
 CREATE MATERIALIZED VIEW IF NOT EXISTS skysnap.profile_segment_task_mv
 TO skysnap.profile_segment_task
 AS SELECT segment_id, task_id, intDiv(time_bucket, 1000000) AS day
-FROM skysnap.profile_thread_snapshot
+FROM skysnap.profile_snapshot
 GROUP BY segment_id, task_id, day;

@@ -1,15 +1,19 @@
 -- Example queries on skysnap's tables: replace '<task>' (every occurrence), '<segment>',
 -- '<segment_a>' and '<segment_b>', paste into clickhouse-client. Each counts a re-sent snapshot
 -- (same task_id, segment_id, sequence) once; each runs on ClickHouse 18.16 and current servers.
--- Times are epoch milliseconds, minutes UTC. Flame graph:
+-- They read the view profile_thread_snapshot, which joins each snapshot to its frames
+-- in the stack dictionary; on servers before 19.x add
+-- SETTINGS enable_optimize_predicate_expression = 1 so that the task filter reaches the
+-- table before the join. Times are epoch milliseconds, minutes UTC. Flame graph:
 --   clickhouse-client --format TSVRaw --query "<collapsed_stacks>" | flamegraph.pl > task.svg
 
 -- name: segment_snapshots
 -- The thread dumps of one profiled segment, in sequence order, each key once.
 SELECT sequence, dump_time, stack
-FROM skysnap.profile_thread_snapshot FINAL
+FROM skysnap.profile_thread_snapshot
 WHERE task_id = '<task>' AND segment_id = '<segment>'
-ORDER BY sequence;
+ORDER BY sequence
+LIMIT 1 BY sequence;
 
 -- name: hottest_frames
 -- The 20 frames of a task in the most snapshots (each snapshot once), outermost first on ties.

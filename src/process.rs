@@ -49,6 +49,13 @@ async fn open_unbounded_store(config: &Config, limit: Duration) -> anyhow::Resul
                 })
                 .and_then(|result| result.map_err(anyhow::Error::from))
                 .with_context(|| format!("cannot use clickhouse.url {}", config.clickhouse.url))?;
+            // As long as it takes: it reports its progress, and nothing is served before.
+            store.migrate_earlier_layout().await.with_context(|| {
+                format!(
+                    "cannot move the earlier snapshot table of {} into the stack dictionary",
+                    config.clickhouse.database
+                )
+            })?;
             Ok(Arc::new(store))
         }
     }

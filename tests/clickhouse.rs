@@ -57,7 +57,7 @@ async fn test_clickhouse_direct_50000_snapshots_over_20_streams() {
             .unwrap();
     }
 
-    let table = format!("{database}.profile_thread_snapshot");
+    let table = format!("{database}.profile_snapshot");
     // Physically 55,000 rows until background merges collapse the re-sent ones.
     let physical = clickhouse_count(&format!("SELECT count() FROM {table}")).await;
     assert!((50_000..=55_000).contains(&physical), "{physical}");
@@ -66,7 +66,8 @@ async fn test_clickhouse_direct_50000_snapshots_over_20_streams() {
         50_000
     );
     let stacks = clickhouse(&format!(
-        "SELECT stack FROM {table} FINAL WHERE segment_id = 'ch-seg-05' AND sequence = 7 FORMAT TSV"
+        "SELECT stack FROM {database}.profile_thread_snapshot \
+         WHERE segment_id = 'ch-seg-05' AND sequence = 7 LIMIT 1 FORMAT TSV"
     ))
     .await;
     assert!(
@@ -152,7 +153,7 @@ async fn test_clickhouse_schema_for_old_server_has_no_ttl() {
     let database = fresh_database("schema");
     let mut server = start(&clickhouse_env(&database));
     let ddl = clickhouse(&format!(
-        "SHOW CREATE TABLE {database}.profile_thread_snapshot FORMAT TSVRaw"
+        "SHOW CREATE TABLE {database}.profile_snapshot FORMAT TSVRaw"
     ))
     .await;
     assert!(ddl.contains("ReplacingMergeTree"), "{ddl}");
@@ -258,11 +259,12 @@ async fn rows_read(sql: &str) -> u64 {
     .await as u64
 }
 
-/// A segment's snapshots are read through the snapshot table's key, by way of the
-/// segment index, not by scanning the table; a store written by a release before the
-/// index gets its segments indexed at start-up.
+/// A store of the layout before the stack dictionary and the lookup indexes (full rows
+/// in `profile_thread_snapshot`) is migrated at start-up: its snapshots move into the
+/// dictionary with every frame, its tasks and segments are indexed; then a segment's
+/// snapshots and a task by id are read through the tables' keys, not by scanning them.
 #[tokio::test]
-async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed() {
+async fn test_clickhouse_store_of_the_earlier_layout_is_migrated_and_read_on_keys() {
     let database = fresh_database("segindex");
     // The layout of the previous release: everything but the index and its view.
     let mut server = start(&clickhouse_env(&database));
@@ -272,9 +274,20 @@ async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed()
         "profile_segment_task",
         "profile_task_service_mv",
         "profile_task_service",
+        "profile_thread_snapshot",
+        "profile_snapshot",
+        "profile_stack",
     ] {
         clickhouse(&format!("DROP TABLE {database}.{table}")).await;
     }
+    // The snapshot table as releases before the stack dictionary created it on 18.16.
+    clickhouse(&format!(
+        "CREATE TABLE {database}.profile_thread_snapshot (task_id String, segment_id String, \
+         sequence Int32, dump_time Int64, time_bucket Int64, stack Array(String)) \
+         ENGINE = ReplacingMergeTree() PARTITION BY intDiv(time_bucket, 1000000) \
+         ORDER BY (task_id, segment_id, sequence)"
+    ))
+    .await;
     // 20,000 tasks of 200 services, and 200,000 snapshots of 100 of them (2,000
     // segments of 100 snapshots), all of today.
     let today = chrono::Utc::now().format("%Y%m%d").to_string();
@@ -297,9 +310,7 @@ async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed()
 
     let mut server = start(&clickhouse_env(&database));
     assert!(
-        server
-            .stderr()
-            .contains("indexing existing segments and tasks"),
+        server.stderr().contains("indexing existing tasks"),
         "{}",
         server.stderr()
     );
@@ -320,11 +331,42 @@ async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed()
         .await,
         2_000
     );
+    assert!(
+        server
+            .stderr()
+            .contains("earlier layout migrated and dropped"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{database}' \
+             AND name = 'profile_thread_snapshot' AND engine = 'View'"
+        ))
+        .await,
+        1,
+        "the old table is gone, the view has its name"
+    );
+    assert_eq!(
+        clickhouse_count(&format!(
+            "SELECT uniqExact(stack_id) FROM {database}.profile_stack"
+        ))
+        .await,
+        7
+    );
     let (status, snapshots) = server.get("/api/v1/segments/seg-7/snapshots").await;
     assert_eq!(status, 200, "{snapshots}");
     let snapshots = snapshots.as_array().unwrap();
     assert_eq!(snapshots.len(), 100);
     assert!(snapshots.iter().all(|s| s["task_id"] == "task-7"));
+    // Every frame as it was: snapshot n of the old table had frames ['main', 'frame-n%7'].
+    for snapshot in snapshots {
+        let number = snapshot["sequence"].as_i64().unwrap() * 2_000 + 7;
+        assert_eq!(
+            snapshot["stack"],
+            serde_json::json!(["main", format!("frame-{}", number % 7)])
+        );
+    }
     // New snapshots are indexed by the view as they are inserted.
     let mut client = server.profile_client().await;
     client
@@ -340,12 +382,12 @@ async fn test_clickhouse_segment_reads_use_the_key_and_an_old_store_is_indexed()
 
     // What the server reads for one segment: the granules of its task, not the table.
     let scanned = rows_read(&format!(
-        "SELECT sequence FROM {database}.profile_thread_snapshot FINAL \
+        "SELECT sequence FROM {database}.profile_snapshot FINAL \
          WHERE segment_id = 'seg-7' FORMAT Null"
     ))
     .await;
     let keyed = rows_read(&format!(
-        "SELECT sequence FROM {database}.profile_thread_snapshot FINAL \
+        "SELECT sequence FROM {database}.profile_snapshot FINAL \
          WHERE task_id IN (SELECT task_id FROM {database}.profile_segment_task \
          WHERE segment_id = 'seg-7') AND segment_id = 'seg-7' FORMAT Null"
     ))
@@ -411,7 +453,7 @@ async fn test_two_replicas_share_one_clickhouse() {
         .collect_snapshot(tokio_stream::iter(stream("only-second")))
         .await
         .unwrap();
-    let table = format!("{database}.profile_thread_snapshot");
+    let table = format!("{database}.profile_snapshot");
     assert_eq!(
         clickhouse_count(&format!("SELECT count() FROM {table} FINAL")).await,
         3_000
@@ -446,6 +488,157 @@ async fn test_two_replicas_share_one_clickhouse() {
             .then_some(())
     })
     .await;
+    first.stop();
+    second.stop();
+    clickhouse(&format!("DROP DATABASE {database}")).await;
+}
+
+fn dictionary_dumps(
+    task: &str,
+    segment: &str,
+    stacks: &[(&[&str], i64)],
+) -> Vec<skysnap::proto::v3::ThreadSnapshot> {
+    stacks
+        .iter()
+        .enumerate()
+        .map(
+            |(sequence, (frames, time))| skysnap::proto::v3::ThreadSnapshot {
+                task_id: task.into(),
+                trace_segment_id: segment.into(),
+                time: *time,
+                sequence: sequence as i32,
+                stack: Some(skysnap::proto::v3::ThreadStack {
+                    code_signatures: frames.iter().map(|frame| frame.to_string()).collect(),
+                }),
+            },
+        )
+        .collect()
+}
+
+/// Two replicas write the same stacks, around midnight: each (stack, day) is in the
+/// dictionary once after merging, every snapshot reads back (API and view) with exactly
+/// the frames it was sent with, and the flame graph counts them.
+#[tokio::test]
+async fn test_clickhouse_dictionary_reads_back_what_was_sent_from_two_replicas() {
+    let database = fresh_database("dictionary");
+    let env = clickhouse_env(&database);
+    let mut first = start(&env);
+    let mut second = start(&env);
+    let day_ms = 86_400_000;
+    let now = skysnap::model::now_ms();
+    let midnight = now - now.rem_euclid(day_ms);
+    let hot: &[&str] = &["Thread.run:1", "Servlet.service:2", "Orders.list:3"];
+    let variant: &[&str] = &["Thread.run:1", "Servlet.service:2", "Orders.save:9"];
+    let odd: &[&str] = &["Thread.run:1", "", "café.brûlée:7"];
+    let task_one = first.create_task("shop", "/orders").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let task_two = second.create_task("billing", "/invoices").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sent_first = dictionary_dumps(
+        &task_one,
+        "seg-midnight",
+        &[
+            (hot, midnight - 10),
+            (hot, midnight - 5),
+            (variant, midnight + 10),
+            (odd, midnight + 15),
+        ],
+    );
+    let sent_second = dictionary_dumps(&task_two, "seg-other", &[(hot, now), (odd, now + 10)]);
+    let mut client = first.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(sent_first.clone()))
+        .await
+        .unwrap();
+    let mut client = second.profile_client().await;
+    client
+        .collect_snapshot(tokio_stream::iter(sent_second.clone()))
+        .await
+        .unwrap();
+    // The same stream again: re-sent snapshots and stacks collapse.
+    client
+        .collect_snapshot(tokio_stream::iter(sent_second.clone()))
+        .await
+        .unwrap();
+
+    let stacks = format!("{database}.profile_stack");
+    assert_eq!(
+        clickhouse_count(&format!("SELECT uniqExact(stack_id) FROM {stacks}")).await,
+        3
+    );
+    let needed = clickhouse_count(&format!(
+        "SELECT count() FROM (SELECT DISTINCT stack_id, intDiv(time_bucket, 1000000) \
+         FROM {database}.profile_snapshot)"
+    ))
+    .await;
+    clickhouse(&format!("OPTIMIZE TABLE {stacks} FINAL")).await;
+    assert_eq!(
+        clickhouse_count(&format!("SELECT count() FROM {stacks}")).await,
+        needed,
+        "each (stack, day) once after merging"
+    );
+
+    for (server, segment, sent) in [
+        (&first, "seg-midnight", &sent_first),
+        (&second, "seg-midnight", &sent_first),
+        (&first, "seg-other", &sent_second),
+    ] {
+        let (status, snapshots) = server
+            .get(&format!("/api/v1/segments/{segment}/snapshots"))
+            .await;
+        assert_eq!(status, 200, "{snapshots}");
+        let read: Vec<Vec<String>> = snapshots
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s["stack"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<Vec<String>> = sent
+            .iter()
+            .map(|s| s.stack.clone().unwrap().code_signatures)
+            .collect();
+        assert_eq!(read, expected, "{segment}");
+    }
+    let view = clickhouse(&format!(
+        "SELECT sequence, hex(stack_id), stack FROM {database}.profile_thread_snapshot \
+         WHERE task_id = '{task_one}' AND segment_id = 'seg-midnight' \
+         ORDER BY sequence LIMIT 1 BY sequence FORMAT JSONCompact"
+    ))
+    .await;
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let rows = view["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[3][1], skysnap::model::StackId::of(odd).to_hex());
+    assert_eq!(rows[3][2], serde_json::json!(odd));
+
+    let task_flame = |task: &str| format!("/api/v1/tasks/{task}/flamegraph?format=collapsed");
+    let collapsed = reqwest::get(format!("{}{}", first.http, task_flame(&task_one)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut lines: Vec<&str> = collapsed.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "Thread.run:1;;café.brûlée:7 1",
+            "Thread.run:1;Servlet.service:2;Orders.list:3 2",
+            "Thread.run:1;Servlet.service:2;Orders.save:9 1",
+        ]
+    );
     first.stop();
     second.stop();
     clickhouse(&format!("DROP DATABASE {database}")).await;

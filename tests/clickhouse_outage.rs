@@ -36,7 +36,7 @@ async fn test_clickhouse_outage_loses_nothing_acknowledged() {
     )
     .await;
     let counts_text = clickhouse(&format!(
-        "SELECT segment_id, count() FROM {database}.profile_thread_snapshot FINAL GROUP BY segment_id FORMAT TSV"
+        "SELECT segment_id, count() FROM {database}.profile_snapshot FINAL GROUP BY segment_id FORMAT TSV"
     ))
     .await;
     let counts: HashMap<String, i64> = counts_text

@@ -109,7 +109,7 @@ async fn test_sigkill_under_load_sqlite_loses_nothing_acknowledged() {
 
 async fn clickhouse_rows_by_segment(database: &str, prefix: &str) -> HashMap<String, i64> {
     let text = clickhouse(&format!(
-        "SELECT segment_id, count() FROM {database}.profile_thread_snapshot FINAL \
+        "SELECT segment_id, count() FROM {database}.profile_snapshot FINAL \
          WHERE segment_id LIKE '{prefix}-%' GROUP BY segment_id FORMAT TSV"
     ))
     .await;

@@ -222,7 +222,7 @@ async fn test_hung_clickhouse_is_bounded_and_agents_keep_their_tasks() {
         let database = database.clone();
         async move {
             common::clickhouse_count(&format!(
-                "SELECT count() FROM {database}.profile_thread_snapshot FINAL \
+                "SELECT count() FROM {database}.profile_snapshot FINAL \
                  WHERE segment_id LIKE '{prefix}-%'"
             ))
             .await as u64

@@ -126,11 +126,11 @@ async fn test_kafka_mode_to_topic_then_consume_into_clickhouse_and_sqlite() {
         ],
     );
     let expected = (STREAMS * PER_STREAM as usize) as i64;
-    let table = format!("{database}.profile_thread_snapshot");
+    let table = format!("{database}.profile_snapshot");
     eventually(Duration::from_secs(90), || async {
         // The consumer creates its tables when it starts.
         let tables = clickhouse_count(&format!(
-            "SELECT count() FROM system.tables WHERE database = '{database}' AND name = 'profile_thread_snapshot'"
+            "SELECT count() FROM system.tables WHERE database = '{database}' AND name = 'profile_snapshot'"
         ))
         .await;
         if tables == 0 {

@@ -10,6 +10,7 @@ re-sent snapshots and a repeated task log, inserted in their own parts so that t
 really stored twice until a merge.
 """
 
+import hashlib
 import re
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DDL = ROOT / "schemas" / "clickhouse.sql"
 EXAMPLES = ROOT / "schemas" / "examples.sql"
-TABLES = ("profile_task", "profile_task_log", "profile_thread_snapshot", "profiled_segment")
+TABLES = ("profile_task", "profile_task_log", "profile_snapshot", "profiled_segment")
 FILE_DATABASE = "skysnap"  # the database schemas/clickhouse.sql and examples.sql name
 
 TASK = str(uuid.UUID("3f1c2a4e-8b7d-4c1e-9a0f-5d6e7f809a1b"))
@@ -154,14 +155,42 @@ def values(rows):
     return ", ".join("(" + ", ".join(lit(v) for v in row) + ")" for row in rows)
 
 
+def stack_id(stack):
+    """A 16-byte id of a stack, as hex. skysnap uses XXH3-128 of the frames; the recipes
+    only need the dictionary and the snapshots to agree, so this fixture uses MD5 of the
+    same encoding (each frame as its length, u32 little endian, then its bytes)."""
+    digest = hashlib.md5()
+    for frame in stack:
+        data = frame.encode()
+        digest.update(len(data).to_bytes(4, "little") + data)
+    return digest.hexdigest().upper()
+
+
+def dictionary_rows(rows):
+    """(profile_stack rows, profile_snapshot rows) of full snapshot rows
+    (task, segment, sequence, dump_time, time_bucket, stack): each stack once per day."""
+    stacks = {}
+    keyed = []
+    for task, segment, seq, dump, bucket, stack in rows:
+        day = bucket // 1_000_000
+        stacks[(stack_id(stack), day)] = stack
+        keyed.append(f"({lit(task)}, {lit(segment)}, {seq}, {dump}, {bucket}, unhex('{stack_id(stack)}'))")
+    stack_rows = [f"(unhex('{sid}'), {day}, {lit(stack)})" for (sid, day), stack in stacks.items()]
+    return ", ".join(stack_rows), ", ".join(keyed)
+
+
 def insert_statements(database):
-    """The INSERTs that load the rows, each re-sent row in a part of its own."""
+    """The INSERTs that load the rows, each re-sent row in a part of its own; snapshots
+    as skysnap writes them, each distinct stack into the dictionary first."""
+    stacks, snapshots = dictionary_rows(SNAPSHOTS + OTHER_SNAPSHOTS)
+    _, resent = dictionary_rows(RESENT)
     return [
         f"INSERT INTO {database}.profile_task VALUES {values(TASK_ROWS)}",
         f"INSERT INTO {database}.profile_task_log VALUES {values(LOGS)}",
         f"INSERT INTO {database}.profile_task_log VALUES {values([RESENT_LOG])}",
-        f"INSERT INTO {database}.profile_thread_snapshot VALUES {values(SNAPSHOTS + OTHER_SNAPSHOTS)}",
-        f"INSERT INTO {database}.profile_thread_snapshot VALUES {values(RESENT)}",
+        f"INSERT INTO {database}.profile_stack VALUES {stacks}",
+        f"INSERT INTO {database}.profile_snapshot VALUES {snapshots}",
+        f"INSERT INTO {database}.profile_snapshot VALUES {resent}",
         f"INSERT INTO {database}.profiled_segment VALUES {values(PROFILED)}",
         f"INSERT INTO {database}.profiled_segment VALUES {values([RESENT_PROFILED])}",
     ]

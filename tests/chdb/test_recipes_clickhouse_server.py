@@ -130,7 +130,7 @@ def test_profiled_segment_resent_is_replaced(server):
 def test_server_version_and_ddl(server):
     # Which server ran the recipes goes into the test log.
     print(f"ClickHouse {server['version']} at {URL}, database {server['database']}")
-    ddl = http_query(f"SHOW CREATE TABLE {server['database']}.profile_thread_snapshot")
+    ddl = http_query(f"SHOW CREATE TABLE {server['database']}.profile_snapshot")
     assert "ReplacingMergeTree" in ddl
     major, minor = (int(part) for part in server["version"].split(".")[:2])
     assert ("TTL" in ddl) == ((major, minor) >= MODERN), ddl
@@ -140,7 +140,7 @@ def test_resent_rows_are_stored_twice(server):
     """The recipes below really meet the duplicates: merges are stopped."""
     db = server["database"]
     assert server["query"](f"SELECT count() FROM {db}.profile_thread_snapshot WHERE task_id = {lit(TASK)}") == [[16]]
-    assert server["query"](f"SELECT count() FROM {db}.profile_thread_snapshot FINAL WHERE task_id = {lit(TASK)}") == [[14]]
+    assert server["query"](f"SELECT count() FROM {db}.profile_snapshot FINAL WHERE task_id = {lit(TASK)}") == [[14]]
 
 
 @pytest.mark.parametrize("name", RECIPES)

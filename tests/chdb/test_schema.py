@@ -19,7 +19,7 @@ import pytest
 from chdb import session as chdb_session
 
 from skysnap_fixture import (
-    DDL, EXAMPLES, END, LIST, OTHER_SEG, OTHER_TASK, RECIPES, ROOT, SEG_A, SEG_B, SEG_C, SOCKET,
+    DDL, EXAMPLES, END, LIST, OTHER_SEG, OTHER_TASK, SNAPSHOTS, RECIPES, ROOT, SEG_A, SEG_B, SEG_C, SOCKET,
     START, DURATION, TABLES, TASK, bucket_minute, bucket_second, ddl_statements, example_queries,
     expected, insert_statements, lit, norm, recipe,
 )
@@ -66,13 +66,13 @@ def test_show_create_table_has_ttl_and_replacing(db, table):
 
 def test_ttl_removes_rows_by_time_bucket_day(db):
     """A row whose time bucket is 4 days old goes at the next merge; one of today stays."""
-    db("CREATE TABLE skysnap.ttl_probe AS skysnap.profile_thread_snapshot", "TSVRaw")
+    db("CREATE TABLE skysnap.ttl_probe AS skysnap.profile_snapshot", "TSVRaw")
     old_ms = int(time.time() * 1000) - 4 * 86_400_000
     new_ms = int(time.time() * 1000)
     for sequence, ms in enumerate((old_ms, new_ms)):
         db(
             "INSERT INTO skysnap.ttl_probe VALUES "
-            f"('ttl-task', 'ttl-seg', {sequence}, {ms}, {bucket_second(ms)}, ['a.main:1'])",
+            f"('ttl-task', 'ttl-seg', {sequence}, {ms}, {bucket_second(ms)}, unhex('{'00' * 16}'))",
             "TSVRaw",
         )
     db("OPTIMIZE TABLE skysnap.ttl_probe FINAL", "TSVRaw")
@@ -82,9 +82,10 @@ def test_ttl_removes_rows_by_time_bucket_day(db):
 
 
 def test_snapshot_codecs_and_low_cardinality_in_effect(db):
-    snap = db("SHOW CREATE TABLE skysnap.profile_thread_snapshot", "TSVRaw")
-    assert "`stack` Array(String) CODEC(ZSTD(3))" in snap
+    snap = db("SHOW CREATE TABLE skysnap.profile_snapshot", "TSVRaw")
+    assert "`stack_id` FixedString(16)" in snap
     assert "`dump_time` Int64 CODEC(Delta(8), ZSTD(1))" in snap
+    assert "`frames` Array(String) CODEC(ZSTD(3))" in db("SHOW CREATE TABLE skysnap.profile_stack", "TSVRaw")
     assert "`service` LowCardinality(String)" in db("SHOW CREATE TABLE skysnap.profile_task", "TSVRaw")
     kept = db("SHOW CREATE TABLE skysnap.profiled_segment", "TSVRaw")
     assert "`span_type` Array(LowCardinality(String))" in kept
@@ -98,7 +99,7 @@ def test_duplicates_are_really_stored_and_final_counts_each_key_once(db):
     # ... FINAL counts each key once.
     assert db("SELECT count() FROM skysnap.profile_task FINAL") == [[2]]
     assert db("SELECT count() FROM skysnap.profile_task_log FINAL") == [[2]]
-    assert db(f"SELECT count() FROM skysnap.profile_thread_snapshot FINAL WHERE task_id = {lit(TASK)}") == [[14]]
+    assert db(f"SELECT count() FROM skysnap.profile_snapshot FINAL WHERE task_id = {lit(TASK)}") == [[14]]
     rows = db(f"SELECT instance, operation, operation_name FROM skysnap.profile_task_log FINAL "
               f"WHERE task_id = {lit(TASK)} ORDER BY operation_time")
     assert rows == [["shop-1", 1, "NOTIFIED"], ["shop-1", 2, "EXECUTION_FINISHED"]]
@@ -193,7 +194,7 @@ def test_readme_shows_the_example_queries():
         assert sql.strip() in section, f"README's ClickHouse section lacks the {name} query as in schemas/examples.sql"
 
 
-@pytest.mark.parametrize("table", ("profile_segment_task", "profile_task_service"))
+@pytest.mark.parametrize("table", ("profile_segment_task", "profile_task_service", "profile_stack"))
 def test_lookup_indexes_are_fed_by_their_views_and_expire(db, table):
     ddl = db(f"SHOW CREATE TABLE skysnap.{table}", "TSVRaw")
     assert "ENGINE = ReplacingMergeTree" in ddl
@@ -205,12 +206,21 @@ def test_lookups_through_the_indexes_answer_as_the_scans(db):
     # The reads skysnap makes by segment alone and by task id alone, each through its
     # index, against the plain scans.
     for segment in (SEG_A, SEG_B, OTHER_SEG):
-        keyed = db("SELECT task_id, sequence FROM skysnap.profile_thread_snapshot FINAL "
+        keyed = db("SELECT task_id, sequence FROM skysnap.profile_snapshot FINAL "
                    "WHERE task_id IN (SELECT task_id FROM skysnap.profile_segment_task "
                    f"WHERE segment_id = '{segment}') AND segment_id = '{segment}' ORDER BY sequence")
-        scanned = db("SELECT task_id, sequence FROM skysnap.profile_thread_snapshot FINAL "
+        scanned = db("SELECT task_id, sequence FROM skysnap.profile_snapshot FINAL "
                      f"WHERE segment_id = '{segment}' ORDER BY sequence")
         assert keyed == scanned and scanned, segment
     keyed = db("SELECT id, service FROM skysnap.profile_task FINAL WHERE service IN "
                f"(SELECT service FROM skysnap.profile_task_service WHERE id = '{TASK}') AND id = '{TASK}'")
     assert keyed == [[TASK, "shop"]]
+
+
+def test_view_joins_each_snapshot_to_its_frames(db):
+    """The view gives SQL users every snapshot row with its frames, re-sent rows too."""
+    rows = db(f"SELECT segment_id, sequence, stack FROM skysnap.profile_thread_snapshot "
+              f"WHERE task_id = {lit(TASK)} ORDER BY segment_id, sequence LIMIT 1 BY segment_id, sequence")
+    expected_rows = sorted([[segment, seq, list(stack)] for _, segment, seq, _, _, stack in SNAPSHOTS])
+    assert rows == expected_rows
+    assert db(f"SELECT count() FROM skysnap.profile_thread_snapshot WHERE task_id = {lit(TASK)}") == [[16]]

@@ -135,7 +135,9 @@ mod tests {
         let modern = ServerVersion::parse("26.1.3.4").unwrap();
         assert_eq!(render(modern, "skysnap", 3), SCHEMA_SQL);
         let renamed = render(modern, "prof", 7);
-        assert!(renamed.contains("CREATE TABLE IF NOT EXISTS prof.profile_thread_snapshot"));
+        assert!(renamed.contains("CREATE TABLE IF NOT EXISTS prof.profile_snapshot"));
+        assert!(renamed.contains("CREATE VIEW IF NOT EXISTS prof.profile_thread_snapshot"));
+        assert!(renamed.contains("FROM prof.profile_stack"));
         assert!(renamed.contains("INTERVAL 7 DAY"));
         assert!(!renamed.contains("skysnap.profile"));
     }
@@ -149,31 +151,31 @@ mod tests {
         assert!(!statements_text.contains("LowCardinality"));
         assert!(legacy.contains("without table TTL: skysnap drops expired partitions"));
         let statements = statements(&legacy);
-        assert_eq!(statements.len(), 9);
+        assert_eq!(statements.len(), 11);
         for statement in &statements[1..] {
             assert!(
-                statement.contains("ORDER BY") || statement.contains("MATERIALIZED VIEW"),
+                statement.contains("ORDER BY") || statement.contains(" VIEW "),
                 "{statement}"
             );
             assert!(!statement.contains(';'));
         }
-        assert!(statements[8].ends_with("GROUP BY segment_id, task_id, day"));
+        assert!(statements[10].ends_with("GROUP BY segment_id, task_id, day"));
         assert!(
-            statements[3].contains("stack       Array(String)\n"),
+            statements[3].contains("frames   Array(String)\n"),
             "{}",
             statements[3]
         );
         assert!(
-            statements[4].contains("span_type           Array(String),\n"),
+            statements[6].contains("span_type           Array(String),\n"),
             "{}",
-            statements[4]
+            statements[6]
         );
     }
 
     #[test]
     fn test_schema_statements_of_file() {
         let statements = statements(SCHEMA_SQL);
-        assert_eq!(statements.len(), 9);
+        assert_eq!(statements.len(), 11);
         assert!(statements[0].starts_with("CREATE DATABASE"));
         // Every table expires by TTL; the views hold no rows of their own.
         for statement in &statements[1..] {
@@ -183,11 +185,16 @@ mod tests {
                 "{statement}"
             );
         }
-        assert!(statements[4].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profiled_segment"));
+        assert!(statements[3].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profile_stack"));
+        assert!(statements[4].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profile_snapshot"));
         assert!(
-            statements[5].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profile_task_service")
+            statements[5].starts_with("CREATE VIEW IF NOT EXISTS skysnap.profile_thread_snapshot")
         );
-        assert!(statements[8]
+        assert!(statements[6].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profiled_segment"));
+        assert!(
+            statements[7].starts_with("CREATE TABLE IF NOT EXISTS skysnap.profile_task_service")
+        );
+        assert!(statements[10]
             .starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS skysnap.profile_segment_task_mv"));
     }
 

@@ -563,31 +563,27 @@ def store_reads(kind, database, sqlite_path, task_id, segment_id):
     AS BLOB)))` reads every stack's bytes without Python touching a row."""
     reads = []
     if kind == "clickhouse":
-        table = f"{database}.profile_thread_snapshot"
-        segment = f"segment_id = {sql_text(segment_id)}"
+        snapshots = f"{database}.profile_snapshot"
+        stacks = f"{database}.profile_stack"
+        segment = (f"task_id IN (SELECT task_id FROM {database}.profile_segment_task "
+                   f"WHERE segment_id = {sql_text(segment_id)}) AND segment_id = {sql_text(segment_id)}")
         task = f"task_id = {sql_text(task_id)}"
-        count = f"SELECT uniqExact(task_id, segment_id, sequence) FROM {table} WHERE {segment}"
-        rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack FROM {table} FINAL "
-                f"WHERE {segment} ORDER BY task_id, segment_id, sequence "
-                f"LIMIT {SEGMENT_SNAPSHOTS} FORMAT RowBinary")
-        plain_rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack FROM {table} "
-                      f"WHERE {segment} LIMIT {2 * SEGMENT_SNAPSHOTS + 1} FORMAT RowBinary")
-        flame = (f"SELECT stack, uniqExact(task_id, segment_id, sequence) AS count FROM {table} "
-                 f"WHERE {task} GROUP BY stack FORMAT RowBinary")
-        dedup_first = (f"SELECT stack, count() AS count FROM (SELECT stack FROM {table} WHERE {task} "
-                       "LIMIT 1 BY task_id, segment_id, sequence) GROUP BY stack FORMAT RowBinary")
-        stacks_only = f"SELECT count() FROM {table} WHERE {task} AND NOT ignore(stack)"
+        count = f"SELECT uniqExact(task_id, segment_id, sequence) FROM {snapshots} WHERE {segment}"
+        key_rows = (f"SELECT task_id, segment_id, sequence, dump_time, stack_id FROM {snapshots} "
+                    f"WHERE {segment} LIMIT {2 * SEGMENT_SNAPSHOTS + 1} FORMAT RowBinary")
+        segment_frames = (f"SELECT stack_id, any(frames) FROM {stacks} WHERE stack_id IN "
+                          f"(SELECT stack_id FROM {snapshots} WHERE {segment}) GROUP BY stack_id FORMAT RowBinary")
+        flame = (f"SELECT stack_id, uniqExact(task_id, segment_id, sequence) AS count FROM {snapshots} "
+                 f"WHERE {task} GROUP BY stack_id FORMAT RowBinary")
+        task_frames = (f"SELECT stack_id, any(frames) FROM {stacks} WHERE stack_id IN "
+                       f"(SELECT stack_id FROM {snapshots} WHERE {task}) GROUP BY stack_id FORMAT RowBinary")
         cases = [
-            ("the store's two queries (count, then the rows as they lie, at most 2 × limit + 1; "
-             "skysnap orders them)", "analysis",
-             lambda: (clickhouse_read(count), clickhouse_read(plain_rows))),
-            ("the earlier queries (count, then `FINAL … ORDER BY` of the rows)", "analysis",
-             lambda: (clickhouse_read(count), clickhouse_read(rows))),
-            ("the store's query (`GROUP BY stack`, each key once by `uniqExact` of the key)", "flame",
+            ("the store's queries (count, the key rows as they lie, at most 2 × limit + 1, through "
+             "the segment index; then each distinct stack's frames once)", "analysis",
+             lambda: (clickhouse_read(count), clickhouse_read(key_rows), clickhouse_read(segment_frames))),
+            ("the store's count per stack id (`GROUP BY stack_id`, each key once by `uniqExact`)", "flame",
              lambda: clickhouse_read(flame)),
-            ("the earlier query (`LIMIT 1 BY` the key, then `GROUP BY stack`)", "flame",
-             lambda: clickhouse_read(dedup_first)),
-            ("reading the task's stacks only (`NOT ignore(stack)`)", "flame", lambda: clickhouse_read(stacks_only)),
+            ("then each distinct stack's frames once", "flame", lambda: clickhouse_read(task_frames)),
         ]
     else:
         connection = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
@@ -595,15 +591,17 @@ def store_reads(kind, database, sqlite_path, task_id, segment_id):
         size = "count(*), sum(length(CAST(stack AS BLOB)))"
         rows = ("SELECT task_id, segment_id, sequence, dump_time, stack FROM profile_thread_snapshot "
                 "WHERE segment_id = ?")
+        per_stack = ("SELECT count(*), sum(length(CAST(k.frames AS BLOB))) FROM "
+                     "(SELECT s.stack_pk AS stack_pk, COUNT(*) AS count FROM profile_snapshot AS s "
+                     "JOIN profile_segment_task AS g ON g.segment_pk = s.segment_pk "
+                     "WHERE g.task_id = ? GROUP BY s.stack_pk) AS c "
+                     "JOIN profile_stack AS k ON k.stack_pk = c.stack_pk")
         cases = [
-            ("the store's query (`ORDER BY sequence, task_id`: the index's order)", "analysis",
+            ("the store's query (the view, `ORDER BY sequence, task_id`: the keys' order)", "analysis",
              lambda: scan(f"SELECT {size} FROM ({rows} ORDER BY sequence, task_id "
                           f"LIMIT {SEGMENT_SNAPSHOTS})", segment_id)),
-            ("the earlier query (`ORDER BY task_id, segment_id, sequence`: a temporary B-tree)", "analysis",
-             lambda: scan(f"SELECT {size} FROM ({rows} ORDER BY task_id, segment_id, sequence "
-                          f"LIMIT {SEGMENT_SNAPSHOTS})", segment_id)),
-            ("the store's scan of the task's rows", "flame",
-             lambda: scan(f"SELECT {size} FROM profile_thread_snapshot WHERE task_id = ?", task_id)),
+            ("the store's count per stack key, then each distinct stack's frames once", "flame",
+             lambda: scan(per_stack, task_id)),
         ]
     try:
         for what, request, function in cases:
@@ -623,7 +621,7 @@ def wait_for_merges(database, limit_s=60):
             break
         time.sleep(1)
     parts = int(clickhouse(f"SELECT count() FROM system.parts WHERE database = '{database}' "
-                           "AND table = 'profile_thread_snapshot' AND active") or 0)
+                           "AND table = 'profile_snapshot' AND active") or 0)
     return time.monotonic() - began, parts
 
 
@@ -662,7 +660,7 @@ def analysis_store(kind):
         sqlite_path = os.path.join(data, "skysnap.db")
         if database:
             result["merge_wait_s"], result["active_parts"] = wait_for_merges(database)
-            table = f"{database}.profile_thread_snapshot"
+            table = f"{database}.profile_snapshot"
             segment_id = clickhouse(
                 f"SELECT segment_id FROM {table} WHERE task_id LIKE 'load-task-%' GROUP BY segment_id "
                 f"HAVING count() >= {SEGMENT_SNAPSHOTS} ORDER BY segment_id LIMIT 1")
@@ -729,7 +727,7 @@ def analysis_store(kind):
             result["store_only"] = store_reads(kind, database, sqlite_path, task_id, segment_id)
             if database:
                 result["distinct_stacks_in_store"] = int(clickhouse(
-                    f"SELECT uniqExact(stack) FROM {database}.profile_thread_snapshot "
+                    f"SELECT uniqExact(stack_id) FROM {database}.profile_snapshot "
                     f"WHERE task_id = {sql_text(task_id)}"))
                 result["bytes_on_disk"] = clickhouse_disk(database)[0]
         finally:

@@ -194,6 +194,32 @@ async fn test_clickhouse_retention_drops_expired_partitions() {
         (old == 0).then_some(())
     })
     .await;
+    // The stacks of the expired day go with their day's partition; the same stacks
+    // written again for the days still kept stay.
+    let day_of = |age_ms: i64| {
+        skysnap::model::second_bucket(chrono::Utc::now().timestamp_millis() - age_ms) / 1_000_000
+    };
+    let stacks = format!("{database}.profile_stack");
+    eventually(Duration::from_secs(10), || async {
+        let old = clickhouse_count(&format!(
+            "SELECT count() FROM {stacks} WHERE day = {}",
+            day_of(5 * day_ms)
+        ))
+        .await;
+        (old == 0).then_some(())
+    })
+    .await;
+    for kept_age in [2 * day_ms, 0] {
+        assert!(
+            clickhouse_count(&format!(
+                "SELECT count() FROM {stacks} WHERE day = {}",
+                day_of(kept_age)
+            ))
+            .await
+                > 0,
+            "each kept day has its stacks"
+        );
+    }
     // The segment index expires with the snapshots it stands for.
     eventually(Duration::from_secs(10), || async {
         let old = clickhouse_count(&format!(

@@ -659,18 +659,11 @@ impl Store for SqliteStore {
         segment_id: &str,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let segment_id = segment_id.to_string();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT task_id, segment_id, sequence, dump_time, stack \
-                 FROM profile_thread_snapshot WHERE segment_id = ?1 \
-                 ORDER BY sequence, task_id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![segment_id, limit], snapshot_from_row)?;
-            rows.collect()
-        })
-        .await
+        let filter = SnapshotFilter {
+            segment_id_opt: Some(segment_id.to_string()),
+            ..SnapshotFilter::default()
+        };
+        self.snapshots(&filter, limit).await
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
@@ -693,26 +686,64 @@ impl Store for SqliteStore {
         filter: &SnapshotFilter,
         limit: usize,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let (where_sql, mut values) = snapshot_where(filter);
-        // The order an index already has: sorting 12,000 rows of 2 KB in a temporary
-        // B-tree took 132 ms, reading them in index order 7 ms. With the task and the
-        // segment fixed, each is the (task, segment, sequence) order.
+        let (where_sql, values) = snapshot_where(filter);
+        // The order the keys already have: sorting 12,000 rows of 2 KB in a temporary
+        // B-tree took 132 ms, reading them in key order 7 ms. With the task fixed, the
+        // keys give (segment, sequence); with a segment alone they give (task, sequence),
+        // which SQLite cannot tell from the join, so those rows are read as they come
+        // (at most 2 × limit + 1) and ordered here; a segment with more falls back to
+        // SQL's ORDER BY.
         let order = match (&filter.task_id_opt, &filter.segment_id_opt) {
             (Some(_), Some(_)) => "sequence",
             (Some(_), None) => "segment_id, sequence",
             (None, Some(_)) => "sequence, task_id",
             (None, None) => "task_id, segment_id, sequence",
         };
-        values.push(rusqlite::types::Value::Integer(
-            i64::try_from(limit).unwrap_or(i64::MAX),
-        ));
-        self.read(move |connection| {
-            let mut statement = connection.prepare_cached(&format!(
+        let sort_here = filter.task_id_opt.is_none() && filter.segment_id_opt.is_some();
+        let cap = if sort_here {
+            limit.saturating_mul(2).saturating_add(1)
+        } else {
+            limit
+        };
+        let query = move |order_sql: &str, rows_at_most: usize| {
+            let mut values = values.clone();
+            values.push(rusqlite::types::Value::Integer(
+                i64::try_from(rows_at_most).unwrap_or(i64::MAX),
+            ));
+            let sql = format!(
                 "SELECT task_id, segment_id, sequence, dump_time, stack \
-                 FROM profile_thread_snapshot {where_sql} ORDER BY {order} LIMIT ?"
-            ))?;
-            let rows = statement
-                .query_map(rusqlite::params_from_iter(values.iter()), snapshot_from_row)?;
+                 FROM profile_thread_snapshot {where_sql} {order_sql} LIMIT ?"
+            );
+            (sql, values)
+        };
+        let (first_sql, first_values) = if sort_here {
+            query("", cap)
+        } else {
+            query(&format!("ORDER BY {order}"), cap)
+        };
+        let mut rows = self
+            .read(move |connection| {
+                let mut statement = connection.prepare_cached(&first_sql)?;
+                let rows = statement.query_map(
+                    rusqlite::params_from_iter(first_values.iter()),
+                    snapshot_from_row,
+                )?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        if !sort_here {
+            return Ok(rows);
+        }
+        if rows.len() < cap {
+            rows.sort_by(|a, b| (a.sequence, &a.task_id).cmp(&(b.sequence, &b.task_id)));
+            rows.truncate(limit);
+            return Ok(rows);
+        }
+        let (sql, values) = query("ORDER BY sequence, task_id", limit);
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(&sql)?;
+            let rows =
+                statement.query_map(rusqlite::params_from_iter(values.iter()), snapshot_from_row)?;
             rows.collect()
         })
         .await

@@ -218,9 +218,6 @@ impl From<SegmentRow> for SegmentSummary {
     }
 }
 
-/// Stack ids one `IN (…)` look-up carries at most (about 40 bytes of query text each).
-const STACK_LOOKUP_CHUNK: usize = 1_000;
-
 /// A snapshot's key, times and stack id, as read from `profile_snapshot`.
 #[derive(Debug, Row, Deserialize)]
 struct SnapshotKeyReadRow {
@@ -243,32 +240,14 @@ struct StackFramesRow {
     frames: Vec<String>,
 }
 
-/// The frames of the given stacks (at most `STACK_LOOKUP_CHUNK`), each read once
-/// through the table's key; a stack stored on several days is the same frames.
-async fn stack_frames(
-    client: &Client,
-    ids: &[StackId],
-) -> Result<std::collections::HashMap<StackId, Vec<String>>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Default::default());
-    }
-    let list = ids
-        .iter()
-        .map(|id| format!("unhex('{}')", id.to_hex()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rows = client
-        .query(&format!(
-            "SELECT stack_id, any(frames) AS frames FROM profile_stack \
-             WHERE stack_id IN ({list}) GROUP BY stack_id"
-        ))
-        .fetch_all::<StackFramesRow>()
-        .await
-        .map_err(map_error)?;
-    Ok(rows
-        .into_iter()
-        .map(|row| (StackId(row.stack_id), row.frames))
-        .collect())
+/// The frames of every stack that the snapshots matching `where_sql` refer to, each
+/// once (a stack stored on several days is the same frames).
+fn frames_sql(where_sql: &str) -> String {
+    format!(
+        "SELECT stack_id, any(frames) AS frames FROM profile_stack \
+         WHERE stack_id IN (SELECT stack_id FROM profile_snapshot {where_sql}) \
+         GROUP BY stack_id"
+    )
 }
 
 /// A snapshot whose stack is not in the dictionary: never written so by skysnap (a
@@ -677,24 +656,32 @@ impl ClickHouseStore {
         self.version
     }
 
-    /// Snapshot records of key rows, each distinct stack's frames read once.
+    /// Snapshot records of key rows read with `where_sql`: the frames of the stacks of
+    /// that filter are read once each, through `profile_stack`'s key (a subquery on the
+    /// same filter picks the ids; a literal list of ids was read as a full scan per
+    /// chunk by 18.16).
     async fn with_frames(
         &self,
         rows: Vec<SnapshotKeyReadRow>,
+        where_sql: &str,
+        values: &[FilterValue],
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let ids: Vec<StackId> = rows.iter().map(|row| StackId(row.stack_id)).collect();
-        let mut frames = std::collections::HashMap::new();
-        let mut distinct: Vec<StackId> = ids.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for chunk in distinct.chunks(STACK_LOOKUP_CHUNK) {
-            frames.extend(stack_frames(&self.client, chunk).await?);
+        if rows.is_empty() {
+            return Ok(Vec::new());
         }
+        let frames: std::collections::HashMap<StackId, Vec<String>> =
+            bind_filter(self.client.query(&frames_sql(where_sql)), values)
+                .fetch_all::<StackFramesRow>()
+                .await
+                .map_err(map_error)?
+                .into_iter()
+                .map(|row| (StackId(row.stack_id), row.frames))
+                .collect();
         rows.into_iter()
             .map(|row| {
                 let stack = frames
                     .get(&StackId(row.stack_id))
-                    .map(|frames| frames.to_vec())
+                    .cloned()
                     .ok_or_else(|| missing_stack(row.stack_id))?;
                 Ok(SnapshotRecord {
                     task_id: row.task_id,
@@ -992,7 +979,7 @@ impl Store for ClickHouseStore {
         .fetch_all::<SnapshotKeyReadRow>()
         .await
         .map_err(map_error)?;
-        self.with_frames(rows).await
+        self.with_frames(rows, &where_sql, &values).await
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
@@ -1054,7 +1041,7 @@ impl Store for ClickHouseStore {
             .await
             .map_err(map_error)?;
         }
-        self.with_frames(rows).await
+        self.with_frames(rows, &where_sql, &values).await
     }
 
     fn stack_counts(
@@ -1063,67 +1050,57 @@ impl Store for ClickHouseStore {
     ) -> BoxStream<'static, Result<StackCount, StoreError>> {
         // Counted in ClickHouse by stack id (16 bytes a row, each key once by
         // `uniqExact` of the key: a re-sent snapshot not merged away yet has the same
-        // stack); then each distinct stack's frames are read once, a chunk at a time.
+        // stack); then each distinct stack's frames are streamed once and matched to
+        // their count here.
         let (where_sql, values) = self.snapshot_where(filter);
-        let query = bind_filter(
+        let counts_query = bind_filter(
             self.client.query(&format!(
                 "SELECT stack_id, uniqExact(task_id, segment_id, sequence) AS count \
                  FROM profile_snapshot {where_sql} GROUP BY stack_id"
             )),
             &values,
         );
-        let client = self.client.clone();
-        let counts = async move {
-            query
+        let frames_query = bind_filter(self.client.query(&frames_sql(&where_sql)), &values);
+        let counted = async move {
+            let counts: std::collections::HashMap<StackId, u64> = counts_query
                 .fetch_all::<StackIdCountRow>()
                 .await
-                .map_err(map_error)
+                .map_err(map_error)?
+                .into_iter()
+                .map(|row| (StackId(row.stack_id), row.count))
+                .collect();
+            let cursor = frames_query
+                .fetch::<StackFramesRow>()
+                .map_err(map_error)?;
+            Ok::<_, StoreError>((counts, cursor))
         };
-        futures::stream::once(counts)
-            .map(move |counts| {
-                let client = client.clone();
-                match counts {
-                    Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
-                    Ok(counts) => {
-                        let chunks: Vec<Vec<StackIdCountRow>> = counts
-                            .chunks(STACK_LOOKUP_CHUNK)
-                            .map(<[StackIdCountRow]>::to_vec)
-                            .collect();
-                        futures::stream::iter(chunks)
-                            .then(move |chunk| {
-                                let client = client.clone();
-                                async move {
-                                    let ids: Vec<StackId> =
-                                        chunk.iter().map(|row| StackId(row.stack_id)).collect();
-                                    let frames = stack_frames(&client, &ids).await?;
-                                    chunk
-                                        .into_iter()
-                                        .map(|row| {
-                                            let stack = frames
-                                                .get(&StackId(row.stack_id))
-                                                .map(|frames| frames.to_vec())
-                                                .ok_or_else(|| missing_stack(row.stack_id))?;
-                                            Ok(StackCount {
-                                                stack,
-                                                count: row.count,
-                                            })
-                                        })
-                                        .collect::<Result<Vec<_>, StoreError>>()
-                                }
-                            })
-                            .flat_map(|chunk| match chunk {
-                                Ok(counts) => {
-                                    futures::stream::iter(counts.into_iter().map(Ok)).boxed()
-                                }
-                                Err(error) => {
-                                    futures::stream::once(async move { Err(error) }).boxed()
-                                }
-                            })
-                            .boxed()
-                    }
-                }
+        futures::stream::once(counted)
+            .flat_map(|counted| match counted {
+                Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
+                Ok((counts, cursor)) => futures::stream::try_unfold(
+                    (counts, cursor),
+                    |(mut counts, mut cursor)| async move {
+                        loop {
+                            let Some(row) = cursor.next().await.map_err(map_error)? else {
+                                // Every counted stack must have had its frames.
+                                return match counts.keys().next() {
+                                    Some(missing) => Err(missing_stack(missing.0)),
+                                    None => Ok(None),
+                                };
+                            };
+                            // A stack of a snapshot stored after the count has no count.
+                            if let Some(count) = counts.remove(&StackId(row.stack_id)) {
+                                let counted = StackCount {
+                                    stack: row.frames,
+                                    count,
+                                };
+                                return Ok(Some((counted, (counts, cursor))));
+                            }
+                        }
+                    },
+                )
+                .boxed(),
             })
-            .flatten()
             .boxed()
     }
 

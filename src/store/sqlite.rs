@@ -742,8 +742,8 @@ impl Store for SqliteStore {
         let (sql, values) = query("ORDER BY sequence, task_id", limit);
         self.read(move |connection| {
             let mut statement = connection.prepare_cached(&sql)?;
-            let rows =
-                statement.query_map(rusqlite::params_from_iter(values.iter()), snapshot_from_row)?;
+            let rows = statement
+                .query_map(rusqlite::params_from_iter(values.iter()), snapshot_from_row)?;
             rows.collect()
         })
         .await

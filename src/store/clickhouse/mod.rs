@@ -1069,9 +1069,7 @@ impl Store for ClickHouseStore {
                 .into_iter()
                 .map(|row| (StackId(row.stack_id), row.count))
                 .collect();
-            let cursor = frames_query
-                .fetch::<StackFramesRow>()
-                .map_err(map_error)?;
+            let cursor = frames_query.fetch::<StackFramesRow>().map_err(map_error)?;
             Ok::<_, StoreError>((counts, cursor))
         };
         futures::stream::once(counted)

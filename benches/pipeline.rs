@@ -228,9 +228,9 @@ fn bench_pipeline_null_sink(c: &mut Criterion) {
         let sinks: Arc<[Arc<dyn SnapshotSink>]> =
             Arc::from(vec![Arc::new(NullSink) as Arc<dyn SnapshotSink>]);
         let limits = BatchLimits {
-            max_snapshots: 2_000,
-            max_bytes: 8 * 1024 * 1024,
-            flush_interval: Duration::from_millis(200),
+            max_snapshots: 20_000,
+            max_bytes: 32 * 1024 * 1024,
+            linger: Duration::ZERO,
             max_commits_in_flight: 2,
         };
         let retry = RetryPolicy {

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use prost::Message as _;
-use skysnap::config::{ClickHouseConfig, PipelineConfig, RetentionConfig};
+use skysnap::config::{ClickHouseConfig, RetentionConfig};
 use skysnap::load::{frame_pool, segment_snapshots};
 use skysnap::load_stacks::{RealisticShape, Rng, StackMix};
-use skysnap::model::second_bucket;
+use skysnap::model::{second_bucket, Stack};
 use skysnap::proto::v3::ThreadSnapshot;
 use skysnap::store::clickhouse::{ClickHouseStore, SnapshotInsertRow as Row};
 
@@ -64,8 +64,8 @@ struct Args {
     /// Database to create the table in.
     #[arg(long, default_value = "skysnap_raw")]
     database: String,
-    /// Rows per INSERT (skysnap's pipeline.batch_max_snapshots).
-    #[arg(long, default_value_t = PipelineConfig::default().batch_max_snapshots.get())]
+    /// Rows per INSERT (the benchmark sweeps 2,000, 10,000 and 100,000).
+    #[arg(long, default_value_t = 2_000)]
     batch: usize,
     /// Which stacks, as `skysnap load --stacks`: `realistic` (Zipf-popular shapes 10 to
     /// 200 frames deep, runs of identical dumps) or `cycle` (--depth frames from --pool).
@@ -105,14 +105,14 @@ struct Prepared {
     sequence: i32,
     dump_time: i64,
     time_bucket: i64,
-    stack: Arc<Vec<String>>,
+    stack: Stack,
     encoded_bytes: u64,
     frame_bytes: u64,
 }
 
 impl Prepared {
-    fn new(task_id: &Arc<str>, snapshot: ThreadSnapshot, stack: Arc<Vec<String>>) -> Prepared {
-        let frame_bytes = stack.iter().map(|frame| frame.len() as u64).sum();
+    fn new(task_id: &Arc<str>, snapshot: ThreadSnapshot, stack: Stack) -> Prepared {
+        let frame_bytes = stack.frame_bytes() as u64;
         let head = ThreadSnapshot {
             stack: None,
             ..snapshot
@@ -164,7 +164,7 @@ fn prepare_rows(args: &Args, task_id: &str, run_id: &str, segments: usize) -> Ve
                 &pool,
                 segment as u64 + 1,
             ) {
-                let stack = Arc::new(
+                let stack = Stack::from(
                     snapshot
                         .stack
                         .as_ref()
@@ -183,8 +183,8 @@ fn prepare_rows(args: &Args, task_id: &str, run_id: &str, segments: usize) -> Ve
         },
         1,
     );
-    let stacks: Vec<Arc<Vec<String>>> = (0..mix.len())
-        .map(|index| Arc::new(mix.frames(index)))
+    let stacks: Vec<Stack> = (0..mix.len())
+        .map(|index| Stack::from(mix.frames(index)))
         .collect();
     let mut rng = Rng::new(0x5eed);
     for segment in 0..segments {

@@ -297,12 +297,18 @@ pub struct PipelineConfig {
     pub mode: PipelineMode,
     /// Snapshot shard actors, each on its own thread; 0 = one per CPU core.
     pub shards: usize,
-    /// A shard's batch closes at this many snapshots.
-    pub batch_max_snapshots: NonZero<usize>,
+    /// A shard's batch closes at this many snapshots; 0 = where the store wants its
+    /// INSERTs (ClickHouse 100,000, SQLite 20,000).
+    pub batch_max_snapshots: usize,
     /// A shard's batch closes at this many bytes of snapshot data.
     pub batch_max_bytes: NonZero<usize>,
-    /// A shard's batch closes this many milliseconds after its first snapshot.
-    pub batch_flush_interval_ms: NonZero<u64>,
+    /// Milliseconds a batch waits after its first snapshot before an idle shard commits
+    /// it. 0: group commit at once: a batch commits as soon as the shard has nothing
+    /// queued and a commit slot is free, and grows while the slots are busy. More makes
+    /// fewer, larger commits at moderate load, at that much added latency.
+    /// (`batch_flush_interval_ms`, its name before group commit, is still read.)
+    #[serde(alias = "batch_flush_interval_ms")]
+    pub batch_linger_ms: u64,
     /// Messages a shard's mailbox holds before senders wait (backpressure).
     pub shard_mailbox_capacity: NonZero<usize>,
     /// Snapshots a stream handler hands to a shard in one message at most.
@@ -316,12 +322,10 @@ impl Default for PipelineConfig {
         PipelineConfig {
             mode: PipelineMode::Direct,
             shards: 0,
-            // One SQLite transaction per 2,000 rows amortises the commit; at 40 frames a
-            // snapshot that is ~3 MB, under the byte limit.
-            batch_max_snapshots: NonZero::new(2_000).expect("a default above zero"),
-            batch_max_bytes: NonZero::new(8 * 1024 * 1024).expect("a default above zero"),
-            // Agents send a stream every 500 ms; 200 ms keeps an ack within ~half of that.
-            batch_flush_interval_ms: NonZero::new(200).expect("a default above zero"),
+            // Group commit sizes batches by the load; the caps only bound them.
+            batch_max_snapshots: 0,
+            batch_max_bytes: NonZero::new(32 * 1024 * 1024).expect("a default above zero"),
+            batch_linger_ms: 0,
             shard_mailbox_capacity: NonZero::new(16).expect("a default above zero"),
             stream_chunk_snapshots: NonZero::new(256).expect("a default above zero"),
             // One batch committing while the next fills kept the streams from stalling
@@ -733,6 +737,13 @@ fn is_service_link(variable: &str) -> bool {
         || variable.contains("_PORT_")
 }
 
+/// Keys read under an older name too (`<section>_<key>`, as in the variable): the
+/// file takes the old name through a serde alias, the environment through this list.
+const RENAMED_ENV_KEYS: &[(&str, &str)] = &[(
+    "pipeline_batch_flush_interval_ms",
+    "pipeline_batch_linger_ms",
+)];
+
 /// Writes `SKYSNAP_<SECTION>_<KEY>` variables into the tree. The default configuration
 /// tells which keys exist and whether a value is a number, a flag or text, so that a
 /// token such as `123` stays text.
@@ -748,7 +759,10 @@ fn apply_env(tree: &mut Value, env: &[(String, String)]) -> Result<(), ConfigErr
         if CLIENT_ENV_VARS.contains(&variable.as_str()) || is_service_link(variable) {
             continue;
         }
-        let rest = rest.to_ascii_lowercase();
+        let mut rest = rest.to_ascii_lowercase();
+        if let Some((_, renamed)) = RENAMED_ENV_KEYS.iter().find(|(old, _)| *old == rest) {
+            rest = renamed.to_string();
+        }
         let Some((section, key)) = rest.split_once('_') else {
             return Err(ConfigError::UnknownEnv {
                 key: rest,
@@ -866,6 +880,19 @@ mod tests {
     }
 
     #[test]
+    fn test_config_linger_read_under_its_old_name() {
+        let f = file("pipeline:\n  batch_flush_interval_ms: 7\n");
+        let config = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        assert_eq!(config.pipeline.batch_linger_ms, 7);
+        let config = Config::load_with_env(
+            None,
+            &env(&[("SKYSNAP_PIPELINE_BATCH_FLUSH_INTERVAL_MS", "9")]),
+        )
+        .unwrap();
+        assert_eq!(config.pipeline.batch_linger_ms, 9);
+    }
+
+    #[test]
     fn test_config_unknown_key_names_it() {
         let f = file("grpc:\n  adr: 127.0.0.1:1\n");
         let error = Config::load_with_env(Some(f.path()), &[])
@@ -893,11 +920,11 @@ mod tests {
             .to_string();
         assert!(error.contains("retention.days"), "{error}");
 
-        let f = file("pipeline:\n  batch_max_snapshots: 0\n");
+        let f = file("pipeline:\n  batch_max_bytes: 0\n");
         let error = Config::load_with_env(Some(f.path()), &[])
             .unwrap_err()
             .to_string();
-        assert!(error.contains("pipeline.batch_max_snapshots"), "{error}");
+        assert!(error.contains("pipeline.batch_max_bytes"), "{error}");
         assert!(error.contains("must be greater than zero"), "{error}");
 
         let error = Config::load_with_env(

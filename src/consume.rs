@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -29,11 +28,12 @@ use crate::actors::sink::store::StoreSink;
 use crate::actors::sink::{SinkError, SnapshotSink};
 use crate::config::{Config, KafkaConfig};
 use crate::http;
-use crate::model::to_record;
+use crate::model::wire_to_record;
 use crate::model::SnapshotRecord;
 use crate::process::{open_store, signal, stopped};
-use crate::proto::v3::ThreadSnapshot;
 use crate::telemetry;
+use crate::wire::decode_snapshot;
+use bytes::Bytes;
 
 /// Runs the consumer until a signal; returns whether it stopped cleanly.
 pub fn run(config: Config) -> anyhow::Result<bool> {
@@ -404,8 +404,9 @@ pub fn decode_value(
     max_stack_depth: usize,
 ) -> Result<SnapshotRecord, &'static str> {
     let payload = payload_opt.ok_or("malformed")?;
-    let snapshot = ThreadSnapshot::decode(payload).map_err(|_| "malformed")?;
-    to_record(snapshot, max_stack_depth)
+    // One copy out of librdkafka's buffer; the stack then stays in it, as on the receiver.
+    let snapshot = decode_snapshot(Bytes::copy_from_slice(payload)).map_err(|_| "malformed")?;
+    wire_to_record(snapshot, max_stack_depth, false)
 }
 
 /// Stores the batch's records and dead-letters what cannot be stored, then commits the
@@ -586,7 +587,8 @@ mod tests {
             segment_id: segment.to_string(),
             sequence,
             dump_time: 1_700_000_000_000,
-            stack: vec!["main".to_string()],
+            stack: vec!["main".to_string()].into(),
+            encoded: None,
         }
     }
 

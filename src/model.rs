@@ -1,10 +1,15 @@
 //! The records skysnap keeps: profile tasks, their lifecycle logs and thread snapshots,
 //! with the time buckets that retention works on (SPEC §4).
 
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::v3::ThreadSnapshot;
+use crate::wire::WireSnapshot;
 
 /// Milliseconds in one minute, the unit of a task's `duration`.
 pub const MINUTE_MS: i64 = 60_000;
@@ -129,9 +134,12 @@ pub struct StackId(pub [u8; 16]);
 
 impl StackId {
     pub fn of<F: AsRef<[u8]>>(frames: &[F]) -> StackId {
+        StackId::of_slices(frames.iter().map(AsRef::as_ref))
+    }
+
+    pub fn of_slices<'a>(frames: impl Iterator<Item = &'a [u8]>) -> StackId {
         let mut hasher = twox_hash::XxHash3_128::new();
         for frame in frames {
-            let frame = frame.as_ref();
             hasher.write(&(frame.len() as u32).to_le_bytes());
             hasher.write(frame);
         }
@@ -144,6 +152,149 @@ impl StackId {
     }
 }
 
+/// A thread's stack, root first, as formatted by the agent, with its `StackId` worked
+/// out once. Cloning shares it: the snapshots of a thread parked in the same frames hold
+/// one copy. The frames are ranges of one buffer: the agent's message as it came (see
+/// `crate::wire`), or a buffer of their own; each is checked as UTF-8 once, when the
+/// stack is made, and read as `&str` without another check.
+#[derive(Clone)]
+pub struct Stack(Arc<StackData>);
+
+struct StackData {
+    id: StackId,
+    buffer: Bytes,
+    /// Each frame's bytes in `buffer`, root first; every one valid UTF-8.
+    frames: Vec<Range<usize>>,
+}
+
+impl Stack {
+    pub fn from_frames<F: AsRef<str>>(frames: &[F]) -> Stack {
+        let mut buffer = Vec::with_capacity(frames.iter().map(|f| f.as_ref().len()).sum());
+        let mut ranges = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let start = buffer.len();
+            buffer.extend_from_slice(frame.as_ref().as_bytes());
+            ranges.push(start..buffer.len());
+        }
+        Stack::new(Bytes::from(buffer), ranges)
+    }
+
+    /// A stack of `buffer`'s ranges; fails unless every range lies in the buffer and
+    /// holds UTF-8. The only way in besides `from_frames` (whose frames are `str`), so
+    /// every `Stack` has frames that are valid UTF-8.
+    pub fn from_ranges(buffer: Bytes, frames: Vec<Range<usize>>) -> Result<Stack, InvalidFrame> {
+        for range in &frames {
+            let bytes = buffer.get(range.clone()).ok_or(InvalidFrame)?;
+            std::str::from_utf8(bytes).map_err(|_| InvalidFrame)?;
+        }
+        Ok(Stack::new(buffer, frames))
+    }
+
+    /// Callers hold that every range is in `buffer` and valid UTF-8.
+    fn new(buffer: Bytes, frames: Vec<Range<usize>>) -> Stack {
+        let id = StackId::of_slices(frames.iter().map(|range| &buffer[range.clone()]));
+        Stack(Arc::new(StackData { id, buffer, frames }))
+    }
+
+    pub fn id(&self) -> StackId {
+        self.0.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.frames.is_empty()
+    }
+
+    /// The frames, root first.
+    pub fn frames(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.0.frames.iter().map(|range| self.frame_at(range))
+    }
+
+    pub fn frame(&self, index: usize) -> Option<&str> {
+        self.0.frames.get(index).map(|range| self.frame_at(range))
+    }
+
+    fn frame_at(&self, range: &Range<usize>) -> &str {
+        let bytes = &self.0.buffer[range.clone()];
+        // SAFETY: a `Stack` is made only by `from_frames` (bytes of `str`s) or by
+        // `from_ranges`, which checks every range as UTF-8; buffer and ranges never change.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.frames().map(str::to_string).collect()
+    }
+
+    /// Bytes of all frames together.
+    pub fn frame_bytes(&self) -> usize {
+        self.0.frames.iter().map(|range| range.len()).sum()
+    }
+
+    /// Whether the two share one allocation (the same stack handed on, not an equal one).
+    pub fn shares_with(&self, other: &Stack) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// A frame range outside its buffer, or not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame is not valid UTF-8")]
+pub struct InvalidFrame;
+
+impl FromIterator<String> for Stack {
+    fn from_iter<I: IntoIterator<Item = String>>(frames: I) -> Stack {
+        Stack::from(frames.into_iter().collect::<Vec<String>>())
+    }
+}
+
+impl From<Vec<String>> for Stack {
+    fn from(frames: Vec<String>) -> Stack {
+        Stack::from_frames(&frames)
+    }
+}
+
+impl PartialEq for Stack {
+    fn eq(&self, other: &Stack) -> bool {
+        self.id() == other.id() && self.frames().eq(other.frames())
+    }
+}
+
+impl Eq for Stack {}
+
+impl<F: AsRef<str>> PartialEq<[F]> for Stack {
+    fn eq(&self, other: &[F]) -> bool {
+        self.len() == other.len() && self.frames().zip(other).all(|(a, b)| a == b.as_ref())
+    }
+}
+
+impl<F: AsRef<str>> PartialEq<Vec<F>> for Stack {
+    fn eq(&self, other: &Vec<F>) -> bool {
+        *self == other[..]
+    }
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_list().entries(self.frames()).finish()
+    }
+}
+
+/// As a list of strings, like the `Vec<String>` it replaces.
+impl Serialize for Stack {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.frames())
+    }
+}
+
+impl<'de> Deserialize<'de> for Stack {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Stack, D::Error> {
+        Vec::<String>::deserialize(deserializer).map(Stack::from)
+    }
+}
+
 /// One thread dump of a profiled segment; keyed by (task, segment, sequence).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
@@ -153,7 +304,11 @@ pub struct SnapshotRecord {
     /// Epoch milliseconds of the dump.
     pub dump_time: i64,
     /// Frames, root first, as formatted by the agent.
-    pub stack: Vec<String>,
+    pub stack: Stack,
+    /// The `ThreadSnapshot` bytes the agent sent, kept only when a sink sends them on as
+    /// they came (Kafka), so that nothing is encoded twice.
+    #[serde(skip)]
+    pub encoded: Option<Bytes>,
 }
 
 impl SnapshotRecord {
@@ -168,57 +323,104 @@ impl SnapshotRecord {
     }
 
     pub fn stack_id(&self) -> StackId {
-        StackId::of(&self.stack)
+        self.stack.id()
     }
 
-    /// Approximate bytes the record holds, for batch byte limits.
+    /// Approximate bytes the record holds, for batch byte limits. A stack shared with
+    /// other records counts in each (an upper bound).
     pub fn approximate_bytes(&self) -> usize {
         self.task_id.len()
             + self.segment_id.len()
             + 16
-            + self
-                .stack
-                .iter()
-                .map(|frame| frame.len() + 8)
-                .sum::<usize>()
+            + self.stack.frame_bytes()
+            + 16 * self.stack.len()
+            + self.encoded.as_ref().map_or(0, Bytes::len)
     }
 }
 
 /// The last millisecond of 9999-12-31 UTC.
 const MAX_DUMP_TIME_MS: i64 = 253_402_300_799_999;
 
-/// Checks one snapshot; the error is the `reason` label of the rejection.
-pub fn to_record(
-    snapshot: ThreadSnapshot,
+/// The receiver's rules for one snapshot, in SkyWalking's order; the error is the
+/// `reason` label of the rejection.
+fn check_snapshot(
+    task_id: &str,
+    segment_id: &str,
+    sequence: i32,
+    time: i64,
+    depth: usize,
     max_stack_depth: usize,
-) -> Result<SnapshotRecord, &'static str> {
-    if snapshot.task_id.is_empty() {
+) -> Result<(), &'static str> {
+    if task_id.is_empty() {
         return Err("empty_task_id");
     }
-    if snapshot.trace_segment_id.is_empty() {
+    if segment_id.is_empty() {
         return Err("empty_segment_id");
     }
-    if snapshot.sequence < 0 {
+    if sequence < 0 {
         return Err("negative_sequence");
     }
     // Past 9999-12-31 a time bucket is no longer yyyyMMddHHmmss (partitions and
     // retention count on it); found by fuzzing.
-    if snapshot.time <= 0 || snapshot.time > MAX_DUMP_TIME_MS {
+    if time <= 0 || time > MAX_DUMP_TIME_MS {
         return Err("invalid_time");
     }
-    let stack = snapshot
+    if depth > max_stack_depth {
+        return Err("stack_too_deep");
+    }
+    Ok(())
+}
+
+/// Checks one decoded snapshot and makes its record; the error is the `reason` label of
+/// the rejection.
+pub fn to_record(
+    snapshot: ThreadSnapshot,
+    max_stack_depth: usize,
+) -> Result<SnapshotRecord, &'static str> {
+    let frames = snapshot
         .stack
         .map(|stack| stack.code_signatures)
         .unwrap_or_default();
-    if stack.len() > max_stack_depth {
-        return Err("stack_too_deep");
-    }
+    check_snapshot(
+        &snapshot.task_id,
+        &snapshot.trace_segment_id,
+        snapshot.sequence,
+        snapshot.time,
+        frames.len(),
+        max_stack_depth,
+    )?;
     Ok(SnapshotRecord {
         task_id: snapshot.task_id,
         segment_id: snapshot.trace_segment_id,
         sequence: snapshot.sequence,
         dump_time: snapshot.time,
-        stack,
+        stack: Stack::from(frames),
+        encoded: None,
+    })
+}
+
+/// The same for a snapshot read in place (`crate::wire`): the stack stays in the
+/// message's bytes, and the bytes themselves are kept only with `keep_encoded`.
+pub fn wire_to_record(
+    snapshot: WireSnapshot,
+    max_stack_depth: usize,
+    keep_encoded: bool,
+) -> Result<SnapshotRecord, &'static str> {
+    check_snapshot(
+        &snapshot.task_id,
+        &snapshot.segment_id,
+        snapshot.sequence,
+        snapshot.time,
+        snapshot.stack.len(),
+        max_stack_depth,
+    )?;
+    Ok(SnapshotRecord {
+        task_id: snapshot.task_id,
+        segment_id: snapshot.segment_id,
+        sequence: snapshot.sequence,
+        dump_time: snapshot.time,
+        stack: snapshot.stack,
+        encoded: keep_encoded.then_some(snapshot.encoded),
     })
 }
 

@@ -58,10 +58,20 @@ impl Pipeline {
             crate::telemetry::register_sink_zeros(sink.name());
         }
         let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(sinks);
+        // Unset, a batch is capped where its sinks prefer (ClickHouse's large INSERTs);
+        // without a preference (Kafka batches by itself, discard), at 20,000.
+        let max_snapshots = match config.pipeline.batch_max_snapshots {
+            0 => sinks
+                .iter()
+                .filter_map(|sink| sink.max_batch_snapshots())
+                .min()
+                .unwrap_or(20_000),
+            configured => configured,
+        };
         let limits = BatchLimits {
-            max_snapshots: config.pipeline.batch_max_snapshots.get(),
+            max_snapshots,
             max_bytes: config.pipeline.batch_max_bytes.get(),
-            flush_interval: Duration::from_millis(config.pipeline.batch_flush_interval_ms.get()),
+            linger: Duration::from_millis(config.pipeline.batch_linger_ms),
             max_commits_in_flight: config.pipeline.shard_commits_in_flight.get(),
         };
         let retry = RetryPolicy::from_config(&config.sink);

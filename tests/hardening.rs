@@ -192,7 +192,7 @@ async fn test_hung_clickhouse_is_bounded_and_agents_keep_their_tasks() {
         );
     }
     // Streams under load end UNAVAILABLE within the bound: 2 s of retries plus one
-    // 1 s attempt, plus the batch timer.
+    // 1 s attempt.
     let started = Instant::now();
     let (during, codes) = send_streams(&channel, "during", 16).await;
     let took = started.elapsed();

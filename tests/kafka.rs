@@ -161,6 +161,51 @@ async fn test_kafka_mode_to_topic_then_consume_into_clickhouse_and_sqlite() {
 }
 
 #[tokio::test]
+async fn test_kafka_mode_sends_the_agent_bytes_as_they_came() {
+    use bytes::Bytes;
+    use http::uri::PathAndQuery;
+    let topic = fresh_topic("as-sent", 2).await;
+    let brokers = kafka_brokers();
+    let mut receiver = Server::start(&[
+        ("SKYSNAP_PIPELINE_MODE", "kafka"),
+        ("SKYSNAP_KAFKA_BROKERS", brokers.as_str()),
+        ("SKYSNAP_KAFKA_TOPIC", topic.as_str()),
+    ]);
+    // Valid snapshots, each with a field of a later protocol version appended (field 15,
+    // varint) that re-encoding would drop: the topic must carry it.
+    let sent: Vec<Bytes> = (0..50)
+        .map(|n| {
+            let mut bytes = snapshot("task-raw", "segment-raw", n).encode_to_vec();
+            bytes.extend([0x78, 0x2a]);
+            Bytes::from(bytes)
+        })
+        .collect();
+    let channel = tonic::transport::Endpoint::from_shared(receiver.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.client_streaming(
+        tonic::Request::new(tokio_stream::iter(sent.clone())),
+        PathAndQuery::from_static("/skywalking.v3.ProfileTask/collectSnapshot"),
+        skysnap::grpc::raw::RawCodec,
+    )
+    .await
+    .expect("stream acknowledged after Kafka delivery");
+    let mut values: Vec<Vec<u8>> = read_topic_raw(&topic)
+        .into_iter()
+        .map(|message| message.value_opt.expect("a value"))
+        .collect();
+    let mut expected: Vec<Vec<u8>> = sent.iter().map(|bytes| bytes.to_vec()).collect();
+    values.sort();
+    expected.sort();
+    assert_eq!(values, expected);
+    receiver.stop();
+}
+
+#[tokio::test]
 async fn test_consumer_killed_mid_topic_and_restarted_misses_nothing() {
     let topic = fresh_topic("kkill", 4).await;
     let brokers = kafka_brokers();

@@ -108,7 +108,8 @@ fn snapshots(task_id: &str, segment_id: &str, first_dump: i64, count: i32) -> Ve
             segment_id: segment_id.to_string(),
             sequence,
             dump_time: first_dump + i64::from(sequence) * 20,
-            stack: vec!["a.main:1".to_string(), "b.run:2".to_string()],
+            stack: vec!["a.main:1".to_string(), "b.run:2".to_string()].into(),
+            encoded: None,
         })
         .collect()
 }

@@ -183,7 +183,8 @@ async fn seed(store: &dyn Store) {
                 segment_id: segment.to_string(),
                 sequence,
                 dump_time: now - 30_000 + i64::from(sequence) * 10,
-                stack,
+                stack: stack.into(),
+                encoded: None,
             });
         }
     }

@@ -1,11 +1,13 @@
 //! The snapshot paths: a `ThreadSnapshot` decoded from the wire and validated as the gRPC
-//! receiver does, and a Kafka message value decoded as `skysnap consume` does.
+//! receiver does, and a Kafka message value decoded as `skysnap consume` does; both read
+//! in place by `skysnap::wire`, each checked against prost's generated decoder.
 
+use bytes::Bytes;
 use prost::Message as _;
 use skysnap::consume::decode_value;
-use skysnap::model::to_record;
-use skysnap::model::SnapshotRecord;
+use skysnap::model::{to_record, wire_to_record, SnapshotRecord, StackId};
 use skysnap::proto::v3::ThreadSnapshot;
+use skysnap::wire::decode_snapshot;
 
 /// 9999-12-31T23:59:59.999Z, the last instant whose second bucket has 14 digits.
 const LAST_FOUR_DIGIT_YEAR_MS: i64 = 253_402_300_799_999;
@@ -55,7 +57,8 @@ fn check_record(snapshot: &ThreadSnapshot, record: &SnapshotRecord) {
         .as_ref()
         .map(|stack| stack.code_signatures.as_slice())
         .unwrap_or_default();
-    assert_eq!(record.stack, stack);
+    assert_eq!(record.stack.to_vec(), stack);
+    assert_eq!(record.stack.id(), StackId::of(stack));
     // yyyyMMddHHmmss, 14 digits, up to the end of year 9999. Later dump times are
     // accepted today and get 15- or 16-digit buckets (and, past chrono's range, 1970's):
     // see fuzz/README.md, "Findings".
@@ -67,15 +70,40 @@ fn check_record(snapshot: &ThreadSnapshot, record: &SnapshotRecord) {
             record.dump_time
         );
     }
-    let frames: usize = record.stack.iter().map(String::len).sum();
+    let frames = record.stack.frame_bytes();
     assert!(record.approximate_bytes() >= record.task_id.len() + record.segment_id.len() + frames);
 }
 
-/// `ThreadSnapshot` bytes, then `to_record`.
+/// `ThreadSnapshot` bytes read in place as the gRPC receiver does (`skysnap::wire`),
+/// which must agree with prost's generated decoder, then the receiver's rules.
 pub fn snapshot(data: &[u8]) {
     let (max_stack_depth, bytes) = split_depth(data);
-    let Ok(snapshot) = ThreadSnapshot::decode(bytes) else {
-        return;
+    let wire = decode_snapshot(Bytes::copy_from_slice(bytes));
+    let snapshot = match (ThreadSnapshot::decode(bytes), wire) {
+        (Ok(snapshot), Ok(wire)) => {
+            assert_eq!(&wire.encoded[..], bytes);
+            let kept = wire_to_record(wire.clone(), max_stack_depth, true);
+            let plain = wire_to_record(wire, max_stack_depth, false);
+            // The same record (or the same reason) as prost's message gives ...
+            assert_eq!(plain, to_record(snapshot.clone(), max_stack_depth));
+            // ... and, kept for Kafka, exactly the bytes that came.
+            match (kept, plain) {
+                (Ok(kept), Ok(plain)) => {
+                    assert_eq!(kept.encoded.as_deref(), Some(bytes));
+                    assert_eq!(
+                        SnapshotRecord {
+                            encoded: None,
+                            ..kept
+                        },
+                        plain
+                    );
+                }
+                (kept, plain) => assert_eq!(kept.err(), plain.err()),
+            }
+            snapshot
+        }
+        (Err(_), Err(_)) => return,
+        (prost, wire) => panic!("prost {prost:?}, skysnap::wire {wire:?}"),
     };
     // What is stored is what was decoded: re-encoding gives the same message back.
     let again = ThreadSnapshot::decode(snapshot.encode_to_vec().as_slice())

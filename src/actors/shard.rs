@@ -1,10 +1,15 @@
 //! A snapshot shard: collects the snapshots routed to it into a batch, closes the batch
-//! for a named reason (size, bytes, timer, drain, shutdown), commits it to every sink
+//! for a named reason (idle, size, bytes, drain, shutdown), commits it to every sink
 //! with bounded retries, and only then answers the receipts of the streams that sent
-//! them. A shard keeps filling its next batch while at most
-//! `max_commits_in_flight` batches commit; when that many are in flight it takes no
-//! new messages until one finishes, so a slow sink fills the bounded mailbox and
-//! senders wait: backpressure reaches the gRPC streams.
+//! them.
+//!
+//! Group commit: a batch closes as soon as the shard's mailbox has run empty and a
+//! commit slot is free (after `linger`, 0 by default), not on a timer. A lone agent's
+//! stream is committed and answered within one commit's time; under load, the next
+//! batch grows with whatever arrives while up to `max_commits_in_flight` batches
+//! commit, so batch size follows the load up to the caps. A batch at a cap with every
+//! slot busy makes the shard take no new messages until one finishes: a slow sink
+//! fills the bounded mailbox and senders wait, backpressure reaching the gRPC streams.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,14 +20,17 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use super::sink::retry::{write_with_retry, RetryPolicy};
 use super::sink::{SinkError, SnapshotSink};
 use crate::model::SnapshotRecord;
+#[cfg(test)]
+use crate::model::Stack;
 use crate::telemetry;
 
 /// Why a batch was closed; the `reason` label of `skysnap_batches_flushed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
+    /// The mailbox ran empty and a commit slot was free (group commit).
+    Idle,
     Size,
     Bytes,
-    Timer,
     /// An explicit `Flush`, e.g. from a test or an operator.
     Drain,
     Shutdown,
@@ -31,9 +39,9 @@ pub enum CloseReason {
 impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            CloseReason::Idle => "idle",
             CloseReason::Size => "size",
             CloseReason::Bytes => "bytes",
-            CloseReason::Timer => "timer",
             CloseReason::Drain => "drain",
             CloseReason::Shutdown => "shutdown",
         }
@@ -61,7 +69,9 @@ pub struct Flush {
 pub struct BatchLimits {
     pub max_snapshots: usize,
     pub max_bytes: usize,
-    pub flush_interval: Duration,
+    /// How long a batch waits after its first snapshot before an idle shard commits it;
+    /// zero commits at once (fewer, larger commits at moderate load when set).
+    pub linger: Duration,
     /// Closed batches of one shard committing at once; while they do, the shard goes on
     /// filling the next one instead of stalling its streams.
     pub max_commits_in_flight: usize,
@@ -69,8 +79,10 @@ pub struct BatchLimits {
 
 #[derive(Default)]
 struct Batch {
-    /// Identifies the batch a timer was set for, so that a late timer is ignored.
+    /// Identifies the batch; a closer started for an earlier one re-checks the linger.
     id: u64,
+    /// When the first snapshot arrived, for `linger`.
+    opened: Option<tokio::time::Instant>,
     records: Vec<SnapshotRecord>,
     bytes: usize,
     waiters: Vec<oneshot::Sender<Result<(), SinkError>>>,
@@ -86,6 +98,9 @@ pub struct SnapshotShard {
     batch: Batch,
     /// One permit per batch that may commit at once (`max_commits_in_flight`).
     commit_permits: Arc<Semaphore>,
+    /// Whether a closer (waiting for the linger and a free slot) is already spawned; one
+    /// at a time, so that a burst of messages makes one commit, not one each.
+    closer_pending: bool,
 }
 
 impl SnapshotShard {
@@ -104,21 +119,27 @@ impl SnapshotShard {
             commit_permits: Arc::new(Semaphore::new(limits.max_commits_in_flight.max(1))),
             limits,
             batch: Batch::default(),
+            closer_pending: false,
         }
     }
 
-    /// Takes the open batch and commits it in the background; when the most batches
-    /// allowed are already committing, the actor waits (takes no messages) for a slot.
-    fn close_batch(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
+    /// Takes the open batch, leaving an empty one with the next id.
+    fn take_batch(&mut self) -> Batch {
         let next_id = self.batch.id + 1;
-        let batch = std::mem::replace(
+        self.batch_gauge.set(0.0);
+        std::mem::replace(
             &mut self.batch,
             Batch {
                 id: next_id,
                 ..Batch::default()
             },
-        );
-        self.batch_gauge.set(0.0);
+        )
+    }
+
+    /// Takes the open batch and commits it in the background; when the most batches
+    /// allowed are already committing, the actor waits (takes no messages) for a slot.
+    fn close_batch(&mut self, reason: CloseReason, ctx: &mut Context<Self>) {
+        let batch = self.take_batch();
         if batch.records.is_empty() {
             for waiter in batch.waiters {
                 let _ = waiter.send(Ok(()));
@@ -149,10 +170,48 @@ impl SnapshotShard {
         }
     }
 
-    fn on_timer(&mut self, batch_id: u64, ctx: &mut Context<Self>) {
-        if self.batch.id == batch_id && !self.batch.records.is_empty() {
-            self.close_batch(CloseReason::Timer, ctx);
+    /// Group commit: makes sure a closer is on its way for the open batch. The closer
+    /// is a future of the actor's context, and actix polls those only once the mailbox
+    /// has nothing ready, so every message already queued joins the batch first. It
+    /// waits out the linger, then for a commit slot (taking messages meanwhile: the
+    /// batch grows while the slots are busy), and commits whatever the batch holds then.
+    fn schedule_closer(&mut self, ctx: &mut Context<Self>) {
+        if self.closer_pending || self.batch.records.is_empty() {
+            return;
         }
+        self.closer_pending = true;
+        let lingered_until = self.batch.opened.map(|opened| opened + self.limits.linger);
+        let permits = self.commit_permits.clone();
+        let closer = async move {
+            if let Some(deadline) = lingered_until {
+                tokio::time::sleep_until(deadline).await;
+            }
+            permits
+                .acquire_owned()
+                .await
+                .expect("the shard never closes its semaphore")
+        };
+        ctx.spawn(closer.into_actor(self).map(|permit, shard, ctx| {
+            shard.closer_pending = false;
+            let lingering = shard
+                .batch
+                .opened
+                .is_some_and(|opened| opened + shard.limits.linger > tokio::time::Instant::now());
+            if shard.batch.records.is_empty() || lingering {
+                // The batch it waited for closed on a cap; a newer one gets its own closer.
+                drop(permit);
+                shard.schedule_closer(ctx);
+                return;
+            }
+            let batch = shard.take_batch();
+            telemetry::batch_closed(CloseReason::Idle.as_str());
+            actix::spawn(commit_batch(
+                batch,
+                shard.sinks.clone(),
+                shard.retry.clone(),
+                permit,
+            ));
+        }));
     }
 }
 
@@ -273,10 +332,7 @@ impl SnapshotShard {
             return;
         }
         if self.batch.records.is_empty() {
-            let batch_id = self.batch.id;
-            ctx.run_later(self.limits.flush_interval, move |shard, ctx| {
-                shard.on_timer(batch_id, ctx)
-            });
+            self.batch.opened = Some(tokio::time::Instant::now());
         }
         self.batch.bytes += message
             .records
@@ -290,6 +346,8 @@ impl SnapshotShard {
             self.close_batch(CloseReason::Size, ctx);
         } else if self.batch.bytes >= self.limits.max_bytes {
             self.close_batch(CloseReason::Bytes, ctx);
+        } else {
+            self.schedule_closer(ctx);
         }
     }
 }
@@ -385,7 +443,8 @@ mod tests {
             segment_id: "s".into(),
             sequence,
             dump_time: 1,
-            stack: vec!["frame".into()],
+            stack: Stack::from_frames(&["frame"]),
+            encoded: None,
         }
     }
 
@@ -401,11 +460,11 @@ mod tests {
         SnapshotShard::new(0, sinks, limits, retry, 4).start()
     }
 
-    fn limits(max_snapshots: usize, max_bytes: usize, flush_ms: u64) -> BatchLimits {
+    fn limits(max_snapshots: usize, max_bytes: usize, linger_ms: u64) -> BatchLimits {
         BatchLimits {
             max_snapshots,
             max_bytes,
-            flush_interval: Duration::from_millis(flush_ms),
+            linger: Duration::from_millis(linger_ms),
             max_commits_in_flight: 2,
         }
     }
@@ -447,8 +506,23 @@ mod tests {
     }
 
     #[actix::test]
-    async fn test_shard_closes_batch_on_timer() {
-        // Paused time: the 60 s timer is tested to the millisecond, without waiting.
+    async fn test_shard_commits_when_idle_without_a_timer() {
+        // Paused time that never advances: only group commit can close this batch.
+        tokio::time::pause();
+        let sink = Arc::new(RecordingSink::default());
+        let shard = start(sink.clone(), limits(1_000, usize::MAX, 0));
+        let receipt = shard
+            .send(Ingest {
+                records: vec![record(0), record(1)],
+            })
+            .await
+            .unwrap();
+        receipt.await.unwrap().unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[actix::test]
+    async fn test_shard_lingers_before_an_idle_commit() {
         tokio::time::pause();
         let sink = Arc::new(RecordingSink::default());
         let shard = start(sink.clone(), limits(1_000, usize::MAX, 60_000));
@@ -464,13 +538,56 @@ mod tests {
                 receipt.try_recv(),
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty)
             ),
-            "closed before its timer"
+            "committed before its linger"
         );
-        assert!(sink.batches.lock().unwrap().is_empty());
-        // Nothing but the timer can close this batch.
+        let second = shard
+            .send(Ingest {
+                records: vec![record(1)],
+            })
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_millis(20)).await;
         receipt.await.unwrap().unwrap();
-        assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
+        second.await.unwrap().unwrap();
+        // Both joined the one batch that lingered.
+        assert_eq!(*sink.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[actix::test]
+    async fn test_shard_batch_grows_while_every_slot_commits() {
+        use std::sync::atomic::Ordering::SeqCst;
+        tokio::time::pause();
+        let sink = Arc::new(GatedSink::closed());
+        let one_slot = BatchLimits {
+            max_commits_in_flight: 1,
+            ..limits(1_000, usize::MAX, 0)
+        };
+        let shard = start_gated(sink.clone(), one_slot);
+        let mut receipts = vec![shard
+            .send(Ingest {
+                records: vec![record(0)],
+            })
+            .await
+            .unwrap()];
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The first stream commits alone, at once; the next five arrive while it does.
+        assert_eq!(sink.running.load(SeqCst), 1);
+        for sequence in 1..6 {
+            receipts.push(
+                shard
+                    .send(Ingest {
+                        records: vec![record(sequence)],
+                    })
+                    .await
+                    .unwrap(),
+            );
+        }
+        sink.gate.add_permits(2);
+        for receipt in receipts {
+            receipt.await.unwrap().unwrap();
+        }
+        // Two commits: the lone first one, then the five that gathered behind it.
+        assert_eq!(*sink.sizes.lock().unwrap(), vec![1, 5]);
     }
 
     #[actix::test]
@@ -525,6 +642,8 @@ mod tests {
         running: std::sync::atomic::AtomicUsize,
         most_running: std::sync::atomic::AtomicUsize,
         written: std::sync::atomic::AtomicUsize,
+        /// Each committed batch's size, in order.
+        sizes: Mutex<Vec<usize>>,
     }
 
     impl GatedSink {
@@ -534,8 +653,21 @@ mod tests {
                 running: Default::default(),
                 most_running: Default::default(),
                 written: Default::default(),
+                sizes: Default::default(),
             }
         }
+    }
+
+    fn start_gated(sink: Arc<GatedSink>, limits: BatchLimits) -> Addr<SnapshotShard> {
+        let sinks: Arc<[Arc<dyn SnapshotSink>]> = Arc::from(vec![sink as Arc<dyn SnapshotSink>]);
+        let retry = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            budget: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
+        };
+        SnapshotShard::new(0, sinks, limits, retry, 8).start()
     }
 
     #[async_trait]
@@ -551,6 +683,7 @@ mod tests {
             self.gate.acquire().await.expect("open gate").forget();
             self.running.fetch_sub(1, SeqCst);
             self.written.fetch_add(batch.len(), SeqCst);
+            self.sizes.lock().unwrap().push(batch.len());
             Ok(())
         }
     }
@@ -560,17 +693,8 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         tokio::time::pause();
         let sink = Arc::new(GatedSink::closed());
-        let sinks: Arc<[Arc<dyn SnapshotSink>]> =
-            Arc::from(vec![sink.clone() as Arc<dyn SnapshotSink>]);
-        let retry = RetryPolicy {
-            max_attempts: 1,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            budget: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(5),
-        };
         // One snapshot per batch: every Ingest closes a batch.
-        let shard = SnapshotShard::new(0, sinks, limits(1, usize::MAX, 60_000), retry, 8).start();
+        let shard = start_gated(sink.clone(), limits(1, usize::MAX, 60_000));
         let mut receipts = Vec::new();
         for sequence in 0..3 {
             receipts.push(

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::flame::FastMap;
-use crate::model::SnapshotRecord;
+use crate::model::{SnapshotRecord, Stack};
 
 /// The tip when no snapshot matched.
 pub const TIP_DATA_NOT_FOUND: &str = "Data not found";
@@ -75,11 +75,11 @@ impl<'a> TreeBuilder<'a> {
         }
     }
 
-    fn add(&mut self, index: u32, stack: &'a [String]) {
+    fn add(&mut self, index: u32, stack: &'a Stack) {
         self.nodes[0].detected_by.push(index);
         let mut parent = 0u32;
-        for frame in &stack[1..] {
-            let child = match self.edges.get(&(parent, frame.as_str())) {
+        for frame in stack.frames().skip(1) {
+            let child = match self.edges.get(&(parent, frame)) {
                 Some(&child) => child,
                 None => {
                     let child = self.nodes.len() as u32;
@@ -89,7 +89,7 @@ impl<'a> TreeBuilder<'a> {
                         children: Vec::new(),
                     });
                     self.nodes[parent as usize].children.push(child);
-                    self.edges.insert((parent, frame.as_str()), child);
+                    self.edges.insert((parent, frame), child);
                     child
                 }
             };
@@ -197,7 +197,9 @@ pub fn analyze(snapshots: &[SnapshotRecord], found: u64, limit: usize) -> Analys
     let mut builders: Vec<TreeBuilder<'_>> = Vec::new();
     let mut by_root: FastMap<&str, usize> = FastMap::default();
     for (index, snapshot) in sorted.iter().enumerate() {
-        let root = snapshot.stack[0].as_str();
+        let Some(root) = snapshot.stack.frame(0) else {
+            continue;
+        };
         let tree = *by_root.entry(root).or_insert_with(|| {
             builders.push(TreeBuilder::new(root));
             builders.len() - 1
@@ -225,7 +227,8 @@ mod tests {
             segment_id: segment.into(),
             sequence,
             dump_time,
-            stack: stack.iter().map(|f| f.to_string()).collect(),
+            stack: Stack::from_frames(stack),
+            encoded: None,
         }
     }
 

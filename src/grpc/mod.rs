@@ -3,6 +3,7 @@
 
 pub mod profile;
 pub mod raw;
+pub mod snapshots;
 pub mod status;
 
 use std::future::Future;
@@ -151,10 +152,16 @@ pub async fn serve(
         .accept_compressed(CompressionEncoding::Gzip);
     // skysnap answers ProfileTask (both names) itself; every other path, known or not,
     // goes to the passthrough: forwarded upstream, or answered here and counted.
-    let routes = Routes::new(limited(ProfileTaskServer::new(profile)))
+    let collect_route = snapshots::CollectSnapshotRoute::new(profile.clone(), limit);
+    let mut routes = Routes::new(limited(ProfileTaskServer::new(profile)))
         .add_service(compat)
-        .into_axum_router()
-        .fallback_service(passthrough);
+        .into_axum_router();
+    // The snapshot streams take the in-place decoder; axum matches these exact paths
+    // before the services' wildcard routes.
+    for path in snapshots::COLLECT_SNAPSHOT_PATHS {
+        routes = routes.route_service(path, collect_route.clone());
+    }
+    let routes = routes.fallback_service(passthrough);
     // No Nagle on agent connections: a reply skysnap writes in parts (a forwarded reply's
     // headers, message and trailers arrive from the upstream one by one) would otherwise
     // wait for the agent's delayed ACK, 40 ms on Linux, after its first part.

@@ -15,7 +15,7 @@ use crate::actors::task_by_id::{GetTask, LookUpTask, PeekTask, Peeked};
 use crate::actors::task_cache::GetServiceTasks;
 use crate::actors::task_log::RecordLog;
 use crate::config::Config;
-use crate::model::{now_ms, to_record, Operation, SnapshotRecord, Task, TaskLog};
+use crate::model::{now_ms, wire_to_record, Operation, SnapshotRecord, Stack, Task, TaskLog};
 use crate::pipeline::Handles;
 use crate::proto::compat;
 use crate::proto::v3::profile_task_server::ProfileTask;
@@ -24,6 +24,7 @@ use crate::proto::v3::{
     ThreadSnapshot,
 };
 use crate::telemetry;
+use crate::wire::{decode_snapshot, WireSnapshot};
 
 /// Name of the command SkyWalking agents read profile tasks from.
 pub const PROFILE_TASK_COMMAND: &str = "ProfileTaskQuery";
@@ -33,6 +34,8 @@ pub struct ProfileService {
     handles: Handles,
     in_flight: Arc<InFlight>,
     max_stack_depth: usize,
+    /// Whether records keep the agent's message bytes (a sink sends them on as they are).
+    keep_encoded: bool,
     /// Snapshots sent to a shard in one message at most.
     chunk_snapshots: usize,
     /// `skysnap_shard_mailbox_depth` of each shard.
@@ -108,6 +111,7 @@ impl ProfileService {
     pub fn new(handles: Handles, in_flight: Arc<InFlight>, config: &Config) -> ProfileService {
         let max_stack_depth = config.grpc.max_stack_depth;
         let chunk_snapshots = config.pipeline.stream_chunk_snapshots;
+        let keep_encoded = handles.sinks.iter().any(|sink| sink.wants_encoded());
         let mailbox_depth = (0..handles.shards.len())
             .map(|shard| metrics::gauge!(telemetry::SHARD_MAILBOX_DEPTH, "shard" => shard.to_string()))
             .collect();
@@ -118,6 +122,7 @@ impl ProfileService {
             handles,
             in_flight,
             max_stack_depth: max_stack_depth.get(),
+            keep_encoded,
             chunk_snapshots: chunk_snapshots.get(),
             limits: Arc::new(StreamLimits::from_config(config)),
         }
@@ -200,7 +205,12 @@ impl ProfileService {
         Ok(Commands { commands })
     }
 
-    async fn collect(&self, stream: Streaming<ThreadSnapshot>) -> Result<Commands, Status> {
+    /// Reads a snapshot stream (decoded in place by `grpc::snapshots`), hands its
+    /// snapshots to the shards, and answers once every one of them is committed.
+    pub async fn collect<S>(&self, stream: S) -> Result<Commands, Status>
+    where
+        S: futures::Stream<Item = Result<WireSnapshot, Status>> + Unpin,
+    {
         let _call = self.in_flight.enter();
         let Ok(_stream_permit) = self.limits.streams.clone().try_acquire_owned() else {
             metrics::counter!(telemetry::STREAMS_REFUSED, "reason" => "streams").increment(1);
@@ -227,6 +237,9 @@ impl ProfileService {
         let mut leftover_reason = "stream_broken";
         // Agents send a segment's snapshots together: the index is told once per run.
         let mut last_segment: Option<String> = None;
+        // A thread parked in the same frames repeats its stack: consecutive equal stacks
+        // of a stream share one copy (the later message's bytes are let go at once).
+        let mut last_stack: Option<Stack> = None;
         let mut chunks = stream.ready_chunks(self.chunk_snapshots);
 
         'read: while let Some(chunk) = chunks.next().await {
@@ -240,13 +253,18 @@ impl ProfileService {
                         break 'read;
                     }
                 };
-                let record = match to_record(snapshot, self.max_stack_depth) {
-                    Ok(record) => record,
-                    Err(reason) => {
-                        telemetry::snapshot_rejected(reason);
-                        continue;
-                    }
-                };
+                let mut record =
+                    match wire_to_record(snapshot, self.max_stack_depth, self.keep_encoded) {
+                        Ok(record) => record,
+                        Err(reason) => {
+                            telemetry::snapshot_rejected(reason);
+                            continue;
+                        }
+                    };
+                match &last_stack {
+                    Some(last) if last.id() == record.stack.id() => record.stack = last.clone(),
+                    _ => last_stack = Some(record.stack.clone()),
+                }
                 if last_segment.as_deref() != Some(record.segment_id.as_str()) {
                     self.handles.segments.note_snapshot(&record.segment_id);
                     last_segment = Some(record.segment_id.clone());
@@ -443,11 +461,19 @@ macro_rules! impl_profile_task {
                 self.commands(request.into_inner()).await.map(Response::new)
             }
 
+            /// Not reached while `grpc::snapshots` serves this path; kept working
+            /// (each message encoded again and read in place) for the generated route.
             async fn collect_snapshot(
                 &self,
                 request: Request<Streaming<ThreadSnapshot>>,
             ) -> Result<Response<Commands>, Status> {
-                self.collect(request.into_inner()).await.map(Response::new)
+                let stream = request.into_inner().map(|item| {
+                    item.and_then(|snapshot| {
+                        decode_snapshot(prost::Message::encode_to_vec(&snapshot).into())
+                            .map_err(|error| Status::invalid_argument(error.to_string()))
+                    })
+                });
+                self.collect(stream).await.map(Response::new)
             }
 
             async fn report_task_finish(

@@ -108,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metric labels.
     fn kind(&self) -> &'static str;
 
+    /// Snapshots one `insert_snapshots` call takes best at most: the cap of a shard's
+    /// batch unless `pipeline.batch_max_snapshots` sets one.
+    fn batch_snapshots(&self) -> usize {
+        20_000
+    }
+
     /// Whether the store answers at all (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -19,7 +19,7 @@ use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilt
 use crate::config::SqliteSynchronous;
 use crate::model::{
     minute_bucket, second_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary,
-    SnapshotRecord, StackId, Task, TaskLog,
+    SnapshotRecord, Stack, StackId, Task, TaskLog,
 };
 
 /// Segment ids one `IN (…)` look-up carries at most (SQLite allows 32,766 parameters;
@@ -441,7 +441,8 @@ fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord
         segment_id: row.get(1)?,
         sequence: row.get(2)?,
         dump_time: row.get(3)?,
-        stack,
+        stack: stack.into(),
+        encoded: None,
     })
 }
 
@@ -974,7 +975,8 @@ struct BatchStack {
     stack_id: StackId,
     /// The latest day of a row of this batch that refers to it.
     day: i64,
-    frames_json: String,
+    /// Written out as JSON only if the store does not have it for `day` yet.
+    stack: Stack,
 }
 
 struct BatchSegment {
@@ -1005,7 +1007,7 @@ impl SnapshotBatch {
                 stacks.push(BatchStack {
                     stack_id,
                     day,
-                    frames_json: serde_json::to_string(&snapshot.stack).expect("strings serialise"),
+                    stack: snapshot.stack.clone(),
                 });
                 stacks.len() - 1
             });
@@ -1068,7 +1070,11 @@ fn write_snapshot_batch(
                 Some(known) if known.last_day >= stack.day => stack_pks.push(known.stack_pk),
                 _ => {
                     let interned = upsert_stack.query_row(
-                        params![&stack.stack_id.0[..], stack.day, stack.frames_json],
+                        params![
+                            &stack.stack_id.0[..],
+                            stack.day,
+                            serde_json::to_string(&stack.stack).expect("strings serialise")
+                        ],
                         |row| {
                             Ok(InternedStack {
                                 stack_pk: row.get(0)?,
@@ -1200,7 +1206,8 @@ fn migrate_earlier_layout(writer: &mut Writer) -> rusqlite::Result<()> {
                         segment_id: row.get(2)?,
                         sequence: row.get(3)?,
                         dump_time: row.get(4)?,
-                        stack: parse_stack(row.get_ref(5)?.as_str()?)?,
+                        stack: parse_stack(row.get_ref(5)?.as_str()?)?.into(),
+                        encoded: None,
                     },
                 ))
             })?;
@@ -1307,7 +1314,8 @@ mod tests {
             segment_id: segment.into(),
             sequence,
             dump_time: 1_000 + i64::from(sequence),
-            stack: vec!["a.main:1".into(), format!("b.run:{sequence}")],
+            stack: vec!["a.main:1".to_string(), format!("b.run:{sequence}")].into(),
+            encoded: None,
         }
     }
 

@@ -50,6 +50,10 @@ impl Store for TimeoutStore {
         self.inner.kind()
     }
 
+    fn batch_snapshots(&self) -> usize {
+        self.inner.batch_snapshots()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded("ping", self.inner.ping()).await
     }

@@ -62,7 +62,6 @@ impl Server {
             ])
             .current_dir(dir)
             .env("SKYSNAP_SQLITE_PATH", dir.join("skysnap.db"))
-            .env("SKYSNAP_PIPELINE_BATCH_FLUSH_INTERVAL_MS", "50")
             .env("SKYSNAP_TASKS_LOG_FLUSH_INTERVAL_MS", "20")
             .env("SKYSNAP_LOG", "info")
             .stdout(Stdio::piped())

@@ -130,7 +130,6 @@ class Skysnap(_Proc):
         env = {k: v for k, v in os.environ.items() if not k.startswith('SKYSNAP_')}
         env.setdefault('RUST_LOG', 'info')
         env['SKYSNAP_TASKS_LOG_FLUSH_INTERVAL_MS'] = '50'
-        env['SKYSNAP_PIPELINE_BATCH_FLUSH_INTERVAL_MS'] = '100'
         env.update(extra_env or {})
         argv = [binary, 'serve',
                 '--grpc-addr', '127.0.0.1:0',

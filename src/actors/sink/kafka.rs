@@ -4,6 +4,7 @@
 //! librdkafka batches (`linger.ms`); the producer is idempotent with `acks=all`. A full
 //! local queue is backpressure: the batch waits for room.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,18 +34,22 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// The wire form of a snapshot, as agents send it.
-pub fn encode(record: &SnapshotRecord) -> Vec<u8> {
-    ThreadSnapshot {
+/// The wire form of a snapshot, as agents send it: the agent's own bytes when the
+/// receiver kept them, else encoded from the record.
+pub fn encode(record: &SnapshotRecord) -> Cow<'_, [u8]> {
+    if let Some(encoded) = &record.encoded {
+        return Cow::Borrowed(encoded);
+    }
+    let snapshot = ThreadSnapshot {
         task_id: record.task_id.clone(),
         trace_segment_id: record.segment_id.clone(),
         time: record.dump_time,
         sequence: record.sequence,
         stack: Some(ThreadStack {
-            code_signatures: record.stack.clone(),
+            code_signatures: record.stack.to_vec(),
         }),
-    }
-    .encode_to_vec()
+    };
+    Cow::Owned(snapshot.encode_to_vec())
 }
 
 /// Everything librdkafka reports is worth another try except a refused configuration
@@ -96,13 +101,17 @@ impl SnapshotSink for KafkaSink {
         "kafka"
     }
 
+    fn wants_encoded(&self) -> bool {
+        true
+    }
+
     async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError> {
         let mut deliveries = Vec::with_capacity(batch.len());
         for record in batch {
             let payload = encode(record);
             let mut message = FutureRecord::to(&self.topic)
                 .key(record.segment_id.as_bytes())
-                .payload(&payload);
+                .payload(payload.as_ref());
             loop {
                 match self.producer.send_result(message) {
                     Ok(delivery) => {

@@ -27,6 +27,18 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// data (a retried batch may re-write rows; stores collapse them by key).
     async fn write(&self, batch: &[SnapshotRecord]) -> Result<(), SinkError>;
 
+    /// The largest batch this sink takes best, if it has a preference; a shard's batch
+    /// cap is the smallest preference of its sinks unless configured.
+    fn max_batch_snapshots(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether the sink sends snapshots on as the agent encoded them: then the receiver
+    /// keeps each message's bytes in its record (`SnapshotRecord::encoded`).
+    fn wants_encoded(&self) -> bool {
+        false
+    }
+
     /// Whether the sink can take writes now (for `/readyz`).
     async fn ready(&self) -> Result<(), SinkError> {
         Ok(())

@@ -35,6 +35,10 @@ impl SnapshotSink for StoreSink {
             })
     }
 
+    fn max_batch_snapshots(&self) -> Option<usize> {
+        Some(self.store.batch_snapshots())
+    }
+
     async fn ready(&self) -> Result<(), SinkError> {
         self.store.ping().await.map_err(|error| SinkError {
             sink: self.store.kind(),

@@ -15,7 +15,7 @@ use futures::stream::{BoxStream, StreamExt as _};
 use super::{FilterValue, SnapshotFilter, StackCount, Store, StoreError, TaskFilter};
 use crate::config::ClickHouseConfig;
 use crate::model::{
-    minute_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary, SnapshotRecord,
+    minute_bucket, Operation, ProfiledSegment, ProfiledSpan, SegmentSummary, SnapshotRecord, Stack,
     StackId, Task, TaskLog,
 };
 use lru::LruCache;
@@ -133,7 +133,8 @@ impl From<SnapshotRow> for SnapshotRecord {
             segment_id: row.segment_id,
             sequence: row.sequence,
             dump_time: row.dump_time,
-            stack: row.stack,
+            stack: row.stack.into(),
+            encoded: None,
         }
     }
 }
@@ -143,7 +144,7 @@ impl From<SnapshotRow> for SnapshotRecord {
 struct StackInsertRow<'a> {
     stack_id: [u8; 16],
     day: i64,
-    frames: &'a [String],
+    frames: &'a Stack,
 }
 
 /// A snapshot as written to `profile_snapshot`: its key, times and stack id.
@@ -168,7 +169,7 @@ pub struct SnapshotInsertRow<'a> {
     pub sequence: i32,
     pub dump_time: i64,
     pub time_bucket: i64,
-    pub stack: &'a [String],
+    pub stack: &'a Stack,
 }
 
 impl<'a> From<&'a SnapshotRecord> for SnapshotInsertRow<'a> {
@@ -669,13 +670,13 @@ impl ClickHouseStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let frames: std::collections::HashMap<StackId, Vec<String>> =
+        let frames: std::collections::HashMap<StackId, Stack> =
             bind_filter(self.client.query(&frames_sql(where_sql)), values)
                 .fetch_all::<StackFramesRow>()
                 .await
                 .map_err(map_error)?
                 .into_iter()
-                .map(|row| (StackId(row.stack_id), row.frames))
+                .map(|row| (StackId(row.stack_id), Stack::from(row.frames)))
                 .collect();
         rows.into_iter()
             .map(|row| {
@@ -689,6 +690,7 @@ impl ClickHouseStore {
                     sequence: row.sequence,
                     dump_time: row.dump_time,
                     stack,
+                    encoded: None,
                 })
             })
             .collect()
@@ -735,6 +737,12 @@ impl ClickHouseStore {
 impl Store for ClickHouseStore {
     fn kind(&self) -> &'static str {
         "clickhouse"
+    }
+
+    /// ClickHouse wants large, infrequent INSERTs: the raw-INSERT sweep of
+    /// docs/PERFORMANCE.md peaks at 100,000 rows.
+    fn batch_snapshots(&self) -> usize {
+        100_000
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

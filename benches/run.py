@@ -260,11 +260,11 @@ def measured_load(server, http=None, seconds=10, rate=0, load=None):
     sampler.start()
     report_holder = {}
 
-    def load():
+    def send():
         report_holder["report"] = run_load(server.addresses["grpc"], http, seconds, rate, load)
 
     began = time.monotonic()
-    runner = threading.Thread(target=load)
+    runner = threading.Thread(target=send)
     runner.start()
     # The load ends sending after `seconds`; stop the meters then, before its check.
     runner.join(timeout=seconds + 2)
@@ -299,6 +299,13 @@ def clickhouse(query):
     url = f"{CLICKHOUSE_URL}/?{urllib.parse.urlencode({'query': query})}"
     with urllib.request.urlopen(url, data=b"", timeout=60) as response:
         return response.read().decode().strip()
+
+
+def wait_for_quiet_clickhouse(limit_s=120):
+    """Until the loopback ClickHouse runs no merge (at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and clickhouse("SELECT count() FROM system.merges") != "0":
+        time.sleep(1)
 
 
 def clickhouse_disk(database):
@@ -465,7 +472,10 @@ def clickhouse_outage(seconds, rate):
         runner.start()
         time.sleep(seconds / 4)
         stopped_at = time.monotonic() - began
-        subprocess.run([CLICKHOUSE_SH, "stop"], check=True, capture_output=True)
+        # A fault, not a shutdown: ClickHouse gets 2 s to stop, then SIGKILL (a graceful
+        # stop waits while INSERTs keep coming, and group commit never lets it idle).
+        subprocess.run([CLICKHOUSE_SH, "stop"], check=True, capture_output=True,
+                       env={**os.environ, "CLICKHOUSE_STOP_TIMEOUT": "2"})
         time.sleep(seconds / 4)
         subprocess.run([CLICKHOUSE_SH, "start"], check=True, capture_output=True)
         started_at = time.monotonic() - began
@@ -921,6 +931,9 @@ def measure_all(runs, seconds):
         rate = max(int(medians[name]["snapshots_per_second"] / 100), LOW_LOAD["batch"])
         values = []
         for run in range(runs):
+            # 1 % of the load on an otherwise busy server would measure the server's
+            # merges of the runs before, not skysnap: wait until it has none.
+            wait_for_quiet_clickhouse()
             log(f"1 % load {run + 1}/{runs}: {name} at {rate}/s, one agent, 50-snapshot streams")
             values.append(scenario(seconds, rate, LOW_LOAD))
         low_load[name] = dict(median_of(values), rate=rate)

@@ -270,7 +270,7 @@ impl Default for KafkaConfig {
             message_timeout_ms: 10_000,
             linger_ms: 5,
             session_timeout_ms: 45_000,
-            consume_batch_snapshots: NonZero::new(2_000).expect("a default above zero"),
+            consume_batch_snapshots: NonZero::new(10_000).expect("a default above zero"),
             consume_batch_wait_ms: 200,
             dlq_topic: String::new(),
             properties: std::collections::BTreeMap::new(),

@@ -9,6 +9,7 @@
 //! past it; a store that is only unavailable is retried, never skipped.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,8 +163,8 @@ struct Origin {
     offset: i64,
     key_opt: Option<Vec<u8>>,
     /// The value as read (none for a tombstone), so that a dead letter holds the
-    /// original bytes, not a re-encoding.
-    payload_opt: Option<Vec<u8>>,
+    /// original bytes, not a re-encoding; the decoded record's stack shares it.
+    payload_opt: Option<Bytes>,
 }
 
 /// A message on its way to the dead-letter topic.
@@ -284,7 +285,7 @@ impl DeadLetterQueue {
                 record = record.key(key.as_slice());
             }
             if let Some(payload) = &letter.origin.payload_opt {
-                record = record.payload(payload.as_slice());
+                record = record.payload(payload.as_ref());
             }
             loop {
                 match self.producer.send_result(record) {
@@ -341,6 +342,11 @@ async fn consume_loop(
     let wait = Duration::from_millis(config.kafka.consume_batch_wait_ms);
     let max_snapshots = config.kafka.consume_batch_snapshots;
     let retry = RetryPolicy::from_config(&config.sink);
+    // One batch commits while the next fills; the next starts committing only after it
+    // (offsets go forward in order), so at most two batches are in memory.
+    let commit_stop = stop.clone();
+    let mut committing: Option<std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + '_>>> =
+        None;
     loop {
         let mut batch = Batch::default();
         let mut deadline_opt: Option<Instant> = None;
@@ -350,11 +356,19 @@ async fn consume_loop(
             let received = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => None,
                 _ = async { match timeout { Some(sleep) => sleep.await, None => std::future::pending().await } } => break,
+                committed = async { match committing.as_mut() { Some(commit) => commit.await, None => std::future::pending().await } } => {
+                    committing = None;
+                    committed?;
+                    continue;
+                }
                 received = consumer.recv() => Some(received),
             };
             let Some(received) = received else {
                 tracing::info!("stopping: committing the batch in hand");
-                commit_batch(consumer, sink, dead_letters, &retry, batch, &stop).await?;
+                if let Some(commit) = committing.take() {
+                    commit.await?;
+                }
+                commit_batch(consumer, sink, dead_letters, &retry, batch, &commit_stop).await?;
                 return Ok(());
             };
             let message = match received {
@@ -370,14 +384,15 @@ async fn consume_loop(
             let entry = batch.next_offsets.entry(key).or_insert(next);
             *entry = (*entry).max(next);
             metrics::counter!(telemetry::SNAPSHOTS_RECEIVED).increment(1);
+            let payload_opt = message.payload().map(Bytes::copy_from_slice);
             let origin = Origin {
                 topic: message.topic().to_string(),
                 partition: message.partition(),
                 offset: message.offset(),
                 key_opt: message.key().map(<[u8]>::to_vec),
-                payload_opt: message.payload().map(<[u8]>::to_vec),
+                payload_opt: payload_opt.clone(),
             };
-            match decode_value(message.payload(), config.grpc.max_stack_depth.get()) {
+            match decode_payload(payload_opt, config.grpc.max_stack_depth.get()) {
                 Ok(record) => {
                     batch.records.push(record);
                     batch.origins.push(origin);
@@ -392,7 +407,17 @@ async fn consume_loop(
                 }
             }
         }
-        commit_batch(consumer, sink, dead_letters, &retry, batch, &stop).await?;
+        if let Some(commit) = committing.take() {
+            commit.await?;
+        }
+        committing = Some(Box::pin(commit_batch(
+            consumer,
+            sink,
+            dead_letters,
+            &retry,
+            batch,
+            &commit_stop,
+        )));
     }
 }
 
@@ -403,9 +428,17 @@ pub fn decode_value(
     payload_opt: Option<&[u8]>,
     max_stack_depth: usize,
 ) -> Result<SnapshotRecord, &'static str> {
+    decode_payload(payload_opt.map(Bytes::copy_from_slice), max_stack_depth)
+}
+
+/// `decode_value` on bytes already copied out of librdkafka's buffer: the record's
+/// stack stays in them, as on the receiver.
+fn decode_payload(
+    payload_opt: Option<Bytes>,
+    max_stack_depth: usize,
+) -> Result<SnapshotRecord, &'static str> {
     let payload = payload_opt.ok_or("malformed")?;
-    // One copy out of librdkafka's buffer; the stack then stays in it, as on the receiver.
-    let snapshot = decode_snapshot(Bytes::copy_from_slice(payload)).map_err(|_| "malformed")?;
+    let snapshot = decode_snapshot(payload).map_err(|_| "malformed")?;
     wire_to_record(snapshot, max_stack_depth, false)
 }
 
@@ -746,7 +779,7 @@ mod tests {
                 partition: 3,
                 offset: 42,
                 key_opt: Some(b"segment".to_vec()),
-                payload_opt: Some(b"\xff\xff".to_vec()),
+                payload_opt: Some(Bytes::from_static(b"\xff\xff")),
             },
             reason: "malformed",
             error: "é".repeat(MAX_ERROR_HEADER_BYTES),

@@ -248,7 +248,14 @@ async fn stored_counts(
     if let Some(token) = admin_token_opt {
         request = request.bearer_auth(token);
     }
-    let segments: Value = request.send().await?.json().await?;
+    let response = request.send().await?;
+    let status = response.status();
+    let segments: Value = response.json().await?;
+    // An error answer (the store not back yet, say) is no count: never read it as zero.
+    anyhow::ensure!(
+        status.is_success(),
+        "GET /api/v1/tasks/{task_id}/segments answered {status}: {segments}"
+    );
     Ok(segments
         .as_array()
         .map(|list| {
@@ -481,10 +488,21 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     if let Some(http) = &options.http_opt {
         let mut stored: HashMap<usize, HashMap<String, u64>> = HashMap::new();
         for (agent, (task_id, _)) in agents.iter().enumerate() {
-            stored.insert(
-                agent,
-                stored_counts(http, &options.admin_token_opt, task_id).await?,
-            );
+            // The store may still be coming back (a test stopped it): ask again for a
+            // while before giving up.
+            let mut attempt = 0;
+            let counts = loop {
+                attempt += 1;
+                match stored_counts(http, &options.admin_token_opt, task_id).await {
+                    Ok(counts) => break counts,
+                    Err(error) if attempt < 30 => {
+                        tracing::warn!(%error, attempt, "cannot count what was stored yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(error) => return Err(error),
+                }
+            };
+            stored.insert(agent, counts);
         }
         let expected = options.snapshots_per_stream as u64;
         let missing = acknowledged

@@ -660,7 +660,7 @@ def analysis_store(kind):
         server = skysnap_serve(data, env)
         try:
             grpc, http = server.addresses["grpc"], server.addresses["http"]
-            loads, acknowledged, seconds = [], 0, 15
+            loads, acknowledged, seconds = [], 0, 5
             while acknowledged < TASK_SNAPSHOTS:
                 log(f"{kind}: loading the task, {acknowledged:,} so far, {seconds} s more")
                 report = load_once(grpc, http, ANALYSIS_LOAD, seconds)

@@ -241,6 +241,16 @@ struct StackFramesRow {
     frames: Vec<String>,
 }
 
+/// A flame graph's counts per stack id, and the frames being read to go with them.
+struct FramesToCount {
+    counts: std::collections::HashMap<StackId, u64>,
+    cursor: clickhouse::query::RowCursor<StackFramesRow>,
+    /// The first row, read while the counts were.
+    first: Option<StackFramesRow>,
+    /// The frames query once more, for stacks counted after the first one read.
+    again_opt: Option<clickhouse::query::Query>,
+}
+
 /// The frames of every stack that the snapshots matching `where_sql` refer to, each
 /// once (a stack stored on several days is the same frames).
 fn frames_sql(where_sql: &str) -> String {
@@ -1058,53 +1068,73 @@ impl Store for ClickHouseStore {
     ) -> BoxStream<'static, Result<StackCount, StoreError>> {
         // Counted in ClickHouse by stack id (16 bytes a row, each key once by
         // `uniqExact` of the key: a re-sent snapshot not merged away yet has the same
-        // stack); then each distinct stack's frames are streamed once and matched to
-        // their count here.
+        // stack); meanwhile each distinct stack's frames are read once, by a second query
+        // that ClickHouse runs at the same time, and matched to their count here.
         let (where_sql, values) = self.snapshot_where(filter);
+        // With the task fixed by the filter, the rest of the key is enough.
+        let key = if filter.task_id_opt.is_some() {
+            "segment_id, sequence"
+        } else {
+            "task_id, segment_id, sequence"
+        };
         let counts_query = bind_filter(
             self.client.query(&format!(
-                "SELECT stack_id, uniqExact(task_id, segment_id, sequence) AS count \
+                "SELECT stack_id, uniqExact({key}) AS count \
                  FROM profile_snapshot {where_sql} GROUP BY stack_id"
             )),
             &values,
         );
         let frames_query = bind_filter(self.client.query(&frames_sql(&where_sql)), &values);
+        let frames_again = bind_filter(self.client.query(&frames_sql(&where_sql)), &values);
         let counted = async move {
-            let counts: std::collections::HashMap<StackId, u64> = counts_query
-                .fetch_all::<StackIdCountRow>()
-                .await
+            let mut cursor = frames_query.fetch::<StackFramesRow>().map_err(map_error)?;
+            let (counts, first) =
+                futures::join!(counts_query.fetch_all::<StackIdCountRow>(), cursor.next());
+            let counts: std::collections::HashMap<StackId, u64> = counts
                 .map_err(map_error)?
                 .into_iter()
                 .map(|row| (StackId(row.stack_id), row.count))
                 .collect();
-            let cursor = frames_query.fetch::<StackFramesRow>().map_err(map_error)?;
-            Ok::<_, StoreError>((counts, cursor))
+            let first = first.map_err(map_error)?;
+            Ok::<_, StoreError>(FramesToCount {
+                counts,
+                cursor,
+                first,
+                again_opt: Some(frames_again),
+            })
         };
         futures::stream::once(counted)
             .flat_map(|counted| match counted {
                 Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
-                Ok((counts, cursor)) => futures::stream::try_unfold(
-                    (counts, cursor),
-                    |(mut counts, mut cursor)| async move {
-                        loop {
-                            let Some(row) = cursor.next().await.map_err(map_error)? else {
-                                // Every counted stack must have had its frames.
-                                return match counts.keys().next() {
-                                    Some(missing) => Err(missing_stack(missing.0)),
-                                    None => Ok(None),
-                                };
+                Ok(state) => futures::stream::try_unfold(state, |mut state| async move {
+                    loop {
+                        let row = match state.first.take() {
+                            Some(row) => Some(row),
+                            None => state.cursor.next().await.map_err(map_error)?,
+                        };
+                        let Some(row) = row else {
+                            let Some(missing) = state.counts.keys().next() else {
+                                return Ok(None);
                             };
-                            // A stack of a snapshot stored after the count has no count.
-                            if let Some(count) = counts.remove(&StackId(row.stack_id)) {
-                                let counted = StackCount {
-                                    stack: row.frames,
-                                    count,
-                                };
-                                return Ok(Some((counted, (counts, cursor))));
-                            }
+                            // Counted but not read: a snapshot stored between the two
+                            // queries. Its stack went in before it, so reading the frames
+                            // again finds it; a stack missing then is an error.
+                            let Some(again) = state.again_opt.take() else {
+                                return Err(missing_stack(missing.0));
+                            };
+                            state.cursor = again.fetch::<StackFramesRow>().map_err(map_error)?;
+                            continue;
+                        };
+                        // A stack of a snapshot stored after the count has no count.
+                        if let Some(count) = state.counts.remove(&StackId(row.stack_id)) {
+                            let counted = StackCount {
+                                stack: row.frames,
+                                count,
+                            };
+                            return Ok(Some((counted, state)));
                         }
-                    },
-                )
+                    }
+                })
                 .boxed(),
             })
             .boxed()

@@ -573,6 +573,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn test_wire_record_same_rules_and_bytes_kept_only_when_asked() {
+        use prost::Message as _;
+        let encoded = bytes::Bytes::from(snapshot().encode_to_vec());
+        let wire = crate::wire::decode_snapshot(encoded.clone()).unwrap();
+        let plain = wire_to_record(wire.clone(), 2, false).unwrap();
+        assert_eq!(plain, to_record(snapshot(), 2).unwrap());
+        assert_eq!(plain.encoded, None);
+        let kept = wire_to_record(wire.clone(), 2, true).unwrap();
+        assert_eq!(kept.encoded.as_deref(), Some(&encoded[..]));
+        assert_eq!(kept.stack.id(), StackId::of(&["a", "b"]));
+        assert_eq!(wire_to_record(wire, 1, true).unwrap_err(), "stack_too_deep");
+    }
+
+    #[test]
+    fn test_stack_shares_and_compares_by_frames() {
+        let a = Stack::from_frames(&["x", "y"]);
+        let b = Stack::from(vec!["x".to_string(), "y".to_string()]);
+        assert_eq!(a, b);
+        assert!(!a.shares_with(&b));
+        assert!(a.shares_with(&a.clone()));
+        assert_ne!(a, Stack::from_frames(&["x", "yy"]));
+        // The length prefix keeps ["ab", "c"] and ["a", "bc"] apart.
+        assert_ne!(
+            Stack::from_frames(&["ab", "c"]).id(),
+            Stack::from_frames(&["a", "bc"]).id()
+        );
+        assert_eq!(serde_json::to_string(&a).unwrap(), r#"["x","y"]"#);
+        let bytes = bytes::Bytes::from_static(b"ok\xff");
+        assert!(Stack::from_ranges(bytes.clone(), vec![0..1, 1..2]).is_ok());
+        assert!(Stack::from_ranges(bytes.clone(), vec![0..1, 1..3]).is_err());
+        assert!(Stack::from_ranges(bytes, vec![0..1, 2..9]).is_err());
+    }
+
     fn task(start_time: i64, duration: i32) -> Task {
         Task {
             id: "t".into(),

@@ -21,10 +21,11 @@ use skysnap::actors::sink::kafka::encode;
 use skysnap::actors::sink::retry::RetryPolicy;
 use skysnap::actors::sink::{NullSink, SnapshotSink};
 use skysnap::load::{frame_pool, segment_snapshots};
-use skysnap::model::to_record;
 use skysnap::model::SnapshotRecord;
+use skysnap::model::{to_record, wire_to_record};
 use skysnap::proto::v3::ThreadSnapshot;
 use skysnap::store::clickhouse::{nodelay_client, SnapshotInsertRow};
+use skysnap::wire::decode_snapshot;
 
 const STREAM: usize = 500;
 
@@ -51,11 +52,22 @@ fn bench_decode_validate(c: &mut Criterion) {
     let encoded: Vec<Vec<u8>> = stream(1).iter().map(Message::encode_to_vec).collect();
     let mut group = c.benchmark_group("decode_validate");
     group.throughput(Throughput::Elements(STREAM as u64));
+    // prost's generated decoder: a `String` per frame, then the record's `Stack`.
     group.bench_function("500_snapshots_depth_40", |b| {
         b.iter(|| {
             for bytes in &encoded {
                 let snapshot = ThreadSnapshot::decode(bytes.as_slice()).expect("decodes");
                 std::hint::black_box(to_record(snapshot, 2_000).expect("valid"));
+            }
+        })
+    });
+    // What the receiver runs: the same record read in place from the message's bytes.
+    let messages: Vec<bytes::Bytes> = encoded.iter().cloned().map(bytes::Bytes::from).collect();
+    group.bench_function("in_place_500_snapshots_depth_40", |b| {
+        b.iter(|| {
+            for message in &messages {
+                let snapshot = decode_snapshot(message.clone()).expect("decodes");
+                std::hint::black_box(wire_to_record(snapshot, 2_000, false).expect("valid"));
             }
         })
     });

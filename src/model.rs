@@ -165,6 +165,8 @@ struct StackData {
     buffer: Bytes,
     /// Each frame's bytes in `buffer`, root first; every one valid UTF-8.
     frames: Vec<Range<usize>>,
+    /// Bytes of all frames together, summed once (batch byte limits ask per record).
+    frame_bytes: usize,
 }
 
 impl Stack {
@@ -193,7 +195,13 @@ impl Stack {
     /// Callers hold that every range is in `buffer` and valid UTF-8.
     fn new(buffer: Bytes, frames: Vec<Range<usize>>) -> Stack {
         let id = StackId::of_slices(frames.iter().map(|range| &buffer[range.clone()]));
-        Stack(Arc::new(StackData { id, buffer, frames }))
+        let frame_bytes = frames.iter().map(|range| range.len()).sum();
+        Stack(Arc::new(StackData {
+            id,
+            buffer,
+            frames,
+            frame_bytes,
+        }))
     }
 
     pub fn id(&self) -> StackId {
@@ -230,7 +238,7 @@ impl Stack {
 
     /// Bytes of all frames together.
     pub fn frame_bytes(&self) -> usize {
-        self.0.frames.iter().map(|range| range.len()).sum()
+        self.0.frame_bytes
     }
 
     /// Whether the two share one allocation (the same stack handed on, not an equal one).

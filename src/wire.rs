@@ -155,8 +155,8 @@ fn utf8(bytes: &[u8]) -> Result<&str, WireError> {
 
 /// Decodes one `ThreadSnapshot`; the stack's frames stay in `encoded`.
 pub fn decode_snapshot(encoded: Bytes) -> Result<WireSnapshot, WireError> {
-    let mut task_id = 0..0;
-    let mut segment_id = 0..0;
+    let mut task_id = String::new();
+    let mut segment_id = String::new();
     let mut time = 0i64;
     let mut sequence = 0i32;
     let mut frames: Vec<std::ops::Range<usize>> = Vec::new();
@@ -166,13 +166,11 @@ pub fn decode_snapshot(encoded: Bytes) -> Result<WireSnapshot, WireError> {
         match field {
             1 => {
                 Reader::expect(wire_type, WIRE_LEN)?;
-                task_id = reader.length_delimited()?;
-                utf8(&encoded[task_id.clone()])?;
+                task_id = utf8(&encoded[reader.length_delimited()?])?.to_string();
             }
             2 => {
                 Reader::expect(wire_type, WIRE_LEN)?;
-                segment_id = reader.length_delimited()?;
-                utf8(&encoded[segment_id.clone()])?;
+                segment_id = utf8(&encoded[reader.length_delimited()?])?.to_string();
             }
             3 => {
                 Reader::expect(wire_type, WIRE_VARINT)?;
@@ -190,8 +188,6 @@ pub fn decode_snapshot(encoded: Bytes) -> Result<WireSnapshot, WireError> {
             _ => reader.skip(field, wire_type, 0)?,
         }
     }
-    let task_id = utf8(&encoded[task_id])?.to_string();
-    let segment_id = utf8(&encoded[segment_id])?.to_string();
     // The frames' one UTF-8 check.
     let stack = Stack::from_ranges(encoded.clone(), frames)
         .map_err(|_| WireError("invalid string value: data is not UTF-8 encoded"))?;

@@ -210,7 +210,9 @@ impl Default for SqliteConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
-    /// HTTP interface of the ClickHouse server.
+    /// HTTP interface of the ClickHouse server. On a cluster, several nodes'
+    /// comma-separated: skysnap talks to the first that answers and moves on to the next
+    /// when the one it uses stops answering.
     pub url: String,
     pub database: String,
     pub user: Option<String>,
@@ -218,6 +220,24 @@ pub struct ClickHouseConfig {
     /// Create the database and tables at start-up (`false` for production, where the
     /// DDL of `skysnap schema` is applied by hand).
     pub create_schema: bool,
+    /// Name of a cluster in the servers' `remote_servers`: skysnap's tables are created
+    /// `ON CLUSTER` as replicated shard-local tables plus `Distributed` tables over them.
+    /// Empty = a single node.
+    pub cluster: String,
+    /// ZooKeeper (or Keeper) path under which a cluster's replicated tables keep their
+    /// state: `<prefix>/{shard}/<database>/<table>_local`, `{shard}` being each server's
+    /// macro.
+    pub replication_path_prefix: String,
+}
+
+impl ClickHouseConfig {
+    /// The servers of `url`, in the order given.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
 }
 
 impl Default for ClickHouseConfig {
@@ -228,6 +248,8 @@ impl Default for ClickHouseConfig {
             user: None,
             password: None,
             create_schema: true,
+            cluster: String::new(),
+            replication_path_prefix: "/clickhouse/tables".to_string(),
         }
     }
 }
@@ -659,6 +681,27 @@ impl Config {
                 "clickhouse.database",
                 "must be a plain name: letters, digits, _",
             );
+        }
+        if !self
+            .clickhouse
+            .cluster
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return invalid(
+                "clickhouse.cluster",
+                "must be a plain name: letters, digits, _ (or empty for a single node)",
+            );
+        }
+        let prefix = &self.clickhouse.replication_path_prefix;
+        if !prefix.starts_with('/') || prefix.contains('\'') || prefix.contains('\\') {
+            return invalid(
+                "clickhouse.replication_path_prefix",
+                "must be a ZooKeeper path starting with / (no quotes or backslashes)",
+            );
+        }
+        if self.clickhouse.urls().next().is_none() {
+            return invalid("clickhouse.url", "must name at least one server");
         }
         if self.pipeline.mode == PipelineMode::Kafka && !self.kafka_enabled() {
             return invalid("kafka.brokers", "pipeline.mode kafka needs kafka.brokers");

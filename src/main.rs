@@ -194,6 +194,10 @@ struct SchemaArgs {
     /// The ClickHouse server's version, e.g. 18.16 or 26.1 (default: a current server).
     #[arg(long)]
     server_version: Option<String>,
+    /// Render for this cluster of the servers' `remote_servers` (default: the config's
+    /// clickhouse.cluster; empty = a single node).
+    #[arg(long)]
+    cluster: Option<String>,
 }
 
 #[derive(Args)]
@@ -380,14 +384,29 @@ fn schema(args: SchemaArgs) -> anyhow::Result<()> {
         })?,
         None => ServerVersion::MODERN,
     };
-    print!(
-        "{}",
-        schema::render(
+    let cluster = args.cluster.unwrap_or(config.clickhouse.cluster.clone());
+    if !cluster
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        anyhow::bail!("--cluster {cluster:?} is not a plain name: letters, digits, _");
+    }
+    let database = &config.clickhouse.database;
+    let retention_days = config.retention.days.get();
+    let text = if cluster.is_empty() {
+        schema::render(version, database, retention_days)
+    } else {
+        schema::render_cluster(
             version,
-            &config.clickhouse.database,
-            config.retention.days.get()
+            database,
+            retention_days,
+            schema::Cluster {
+                name: &cluster,
+                replication_path_prefix: &config.clickhouse.replication_path_prefix,
+            },
         )
-    );
+    };
+    print!("{text}");
     Ok(())
 }
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install / start / stop every server the skysnap integration tests need:
-# a private ClickHouse (127.0.0.1:18123 http, :19000 native) and a private
-# Kafka 4.x KRaft broker (127.0.0.1:19092), and two Apache SkyWalking OAP 10.1.0
-# servers (gRPC 127.0.0.1:21800 and :21801, GraphQL :22800 and :22801) for the
-# forwarding tests. See clickhouse.sh, kafka.sh and oap.sh.
+# a private ClickHouse (127.0.0.1:18123 http, :19000 native); a ClickHouse cluster
+# `skysnap_cluster` of 2 shards x 2 replicas (four servers, http 127.0.0.1:18131..18134,
+# native :19131..19134, interserver :19141..19144; shard 1 = node1+node2, shard 2 =
+# node3+node4) with its ZooKeeper 3.9 (127.0.0.1:12181); a private Kafka 4.x KRaft
+# broker (127.0.0.1:19092); and two Apache SkyWalking OAP 10.1.0 servers (gRPC
+# 127.0.0.1:21800 and :21801, GraphQL :22800 and :22801) for the forwarding tests.
+# See clickhouse.sh, clickhouse-cluster.sh, kafka.sh and oap.sh.
 #
 #   scripts/services/all.sh install|start|stop|restart|status
 set -euo pipefail
@@ -29,11 +32,13 @@ oap2() {
 case "${1:-}" in
   install)
     timed "clickhouse install" "$DIR/clickhouse.sh" install
+    timed "clickhouse cluster install" "$DIR/clickhouse-cluster.sh" install
     timed "kafka install" "$DIR/kafka.sh" install
     timed "oap install" "$DIR/oap.sh" install
     ;;
   start)
     timed "clickhouse start" "$DIR/clickhouse.sh" start
+    timed "clickhouse cluster start" "$DIR/clickhouse-cluster.sh" start
     timed "kafka start" "$DIR/kafka.sh" start
     timed "oap start" "$DIR/oap.sh" start
     timed "oap2 start" oap2 start
@@ -44,6 +49,7 @@ case "${1:-}" in
     "$DIR/oap.sh" stop || rc=$?
     "$DIR/kafka.sh" stop || rc=$?
     "$DIR/clickhouse.sh" stop || rc=$?
+    "$DIR/clickhouse-cluster.sh" stop || rc=$?
     exit "$rc"
     ;;
   restart)
@@ -53,6 +59,7 @@ case "${1:-}" in
   status)
     rc=0
     "$DIR/clickhouse.sh" status || rc=$?
+    "$DIR/clickhouse-cluster.sh" status || rc=$?
     "$DIR/kafka.sh" status || rc=$?
     "$DIR/oap.sh" status || rc=$?
     oap2 status || rc=$?

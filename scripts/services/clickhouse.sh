@@ -213,13 +213,13 @@ cmd_start() {
         continue
       fi
       log "server process $pid exited during startup"
-      tail -n 40 "$LOG_DIR/clickhouse-server.err.log" "$STDOUT_LOG" 2>/dev/null >&2 || true
+      tail -n 40 "$LOG_DIR/clickhouse-server.err.log" "$STDOUT_LOG" >&2 2>/dev/null || true
       rm -f "$PID_FILE"
       exit 1
     fi
     if [ "$waited" -ge "$((START_TIMEOUT * 4))" ]; then
       log "not ready after ${START_TIMEOUT}s"
-      tail -n 40 "$LOG_DIR/clickhouse-server.log" "$LOG_DIR/clickhouse-server.err.log" "$STDOUT_LOG" 2>/dev/null >&2 || true
+      tail -n 40 "$LOG_DIR/clickhouse-server.log" "$LOG_DIR/clickhouse-server.err.log" "$STDOUT_LOG" >&2 2>/dev/null || true
       exit 1
     fi
     sleep 0.25

@@ -227,7 +227,7 @@ cmd_start() {
         continue
       fi
       log "broker process $pid exited during startup"
-      tail -n 40 "$LOG_DIR/stdout.log" "$LOG_DIR/server.log" 2>/dev/null >&2 || true
+      tail -n 40 "$LOG_DIR/stdout.log" "$LOG_DIR/server.log" >&2 2>/dev/null || true
       rm -f "$PID_FILE"
       exit 1
     fi
@@ -235,7 +235,7 @@ cmd_start() {
     now=$(date +%s)
     if [ $((now - start_ts)) -ge "$START_TIMEOUT" ]; then
       log "not ready after ${START_TIMEOUT}s"
-      tail -n 40 "$LOG_DIR/stdout.log" "$LOG_DIR/server.log" 2>/dev/null >&2 || true
+      tail -n 40 "$LOG_DIR/stdout.log" "$LOG_DIR/server.log" >&2 2>/dev/null || true
       exit 1
     fi
     sleep 0.5

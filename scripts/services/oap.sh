@@ -147,7 +147,7 @@ launch() {
 }
 
 dump_logs() {
-  tail -n 40 "$LOG_DIR/stdout.log" 2>/dev/null >&2 || true
+  tail -n 40 "$LOG_DIR/stdout.log" >&2 2>/dev/null || true
   grep -E ' (ERROR|WARN) |Exception' "$LOG_DIR/oap.log" 2>/dev/null | tail -n 40 >&2 || true
 }
 

@@ -21,6 +21,7 @@ use crate::model::{
 use lru::LruCache;
 use schema::ServerVersion;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// A ClickHouse client on the crate's own HTTP defaults plus `TCP_NODELAY`. Without it
@@ -38,7 +39,17 @@ pub fn nodelay_client() -> Client {
 }
 
 pub struct ClickHouseStore {
-    client: Client,
+    /// One client per server of `clickhouse.url`, in the order given; `current` is the
+    /// one in use.
+    clients: Vec<Client>,
+    current: AtomicUsize,
+    /// Milliseconds since `started` at the last move to the next server: one failure
+    /// moves on, the failures of the requests that were in flight with it do not.
+    moved_at_ms: AtomicU64,
+    started: std::time::Instant,
+    /// The cluster of `clickhouse.cluster`: the tables are `Distributed` over
+    /// `<table>_local` replicated tables. None on a single node.
+    cluster_opt: Option<String>,
     database: String,
     version: ServerVersion,
     /// `profile_segment_task` and `profile_task_service` exist: a segment's snapshots
@@ -249,16 +260,6 @@ struct FramesToCount {
     first: Option<StackFramesRow>,
     /// The frames query once more, for stacks counted after the first one read.
     again_opt: Option<clickhouse::query::Query>,
-}
-
-/// The frames of every stack that the snapshots matching `where_sql` refer to, each
-/// once (a stack stored on several days is the same frames).
-fn frames_sql(where_sql: &str) -> String {
-    format!(
-        "SELECT stack_id, any(frames) AS frames FROM profile_stack \
-         WHERE stack_id IN (SELECT stack_id FROM profile_snapshot {where_sql}) \
-         GROUP BY stack_id"
-    )
 }
 
 /// A snapshot whose stack is not in the dictionary: never written so by skysnap (a
@@ -491,27 +492,127 @@ fn classify_response(message: &str) -> ErrorClass {
     }
 }
 
+/// Seconds an `ON CLUSTER` statement waits for every node to run it; a node that is
+/// down runs it from the queue when it is back.
+const CLUSTER_DDL_TIMEOUT_SECONDS: u32 = 60;
+
+/// Applies the cluster schema `ON CLUSTER`, unless this node already has every table
+/// and view of it: a statement waits for every node, so skysnap starting while one node
+/// of the cluster is down would otherwise wait out the timeout for nothing.
+async fn apply_cluster_schema(
+    client: &Client,
+    version: ServerVersion,
+    config: &ClickHouseConfig,
+    cluster: &str,
+    retention_days: u32,
+) -> Result<(), StoreError> {
+    let database = &config.database;
+    let ddl = schema::render_cluster(
+        version,
+        database,
+        retention_days,
+        schema::Cluster {
+            name: cluster,
+            replication_path_prefix: &config.replication_path_prefix,
+        },
+    );
+    let statements = schema::statements(&ddl);
+    let wanted: Vec<String> = statements
+        .iter()
+        .filter_map(|statement| schema::created_name(statement, database))
+        .collect();
+    let present: Vec<String> = client
+        .query("SELECT name FROM system.tables WHERE database = ?")
+        .bind(database.as_str())
+        .fetch_all::<String>()
+        .await
+        .map_err(map_error)?;
+    if wanted.iter().all(|name| present.contains(name)) {
+        tracing::info!(%database, cluster, "clickhouse: the cluster schema is in place on this node");
+        return Ok(());
+    }
+    tracing::info!(%database, cluster, "clickhouse: creating the schema on the cluster");
+    for statement in statements {
+        let result = client
+            .query(&statement)
+            .with_setting(
+                "distributed_ddl_task_timeout",
+                CLUSTER_DDL_TIMEOUT_SECONDS.to_string(),
+            )
+            .execute()
+            .await;
+        if let Err(error) = result {
+            let text = error.to_string();
+            // TIMEOUT_EXCEEDED: some node has not run it yet (down); the others have,
+            // and that one will from the queue.
+            if text.contains("Code: 159") {
+                tracing::warn!(%error, "clickhouse: a node of the cluster has not applied the schema yet; it will when it is back");
+                continue;
+            }
+            return Err(map_error(error));
+        }
+    }
+    Ok(())
+}
+
 impl ClickHouseStore {
     /// Connects, reads the server version and, when asked, applies the schema for it.
     pub async fn connect(
         config: &ClickHouseConfig,
         retention_days: u32,
     ) -> Result<ClickHouseStore, StoreError> {
-        let mut client = nodelay_client()
-            .with_url(&config.url)
-            .with_validation(false)
-            .with_compression(clickhouse::Compression::Lz4);
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
+        let cluster_opt = (!config.cluster.is_empty()).then(|| config.cluster.clone());
+        let clients: Vec<Client> = config
+            .urls()
+            .map(|url| {
+                let mut client = nodelay_client()
+                    .with_url(url)
+                    .with_validation(false)
+                    .with_compression(clickhouse::Compression::Lz4);
+                if let Some(user) = &config.user {
+                    client = client.with_user(user);
+                }
+                if let Some(password) = &config.password {
+                    client = client.with_password(password);
+                }
+                if cluster_opt.is_some() {
+                    // An INSERT into a Distributed table returns once every shard's
+                    // replica committed its rows (not when they are queued to be sent);
+                    // reads and writes take a shard's replicas in the order of
+                    // remote_servers, so a read right after a write finds it on the
+                    // replica that took it while that replica is up.
+                    client = client
+                        .with_setting("insert_distributed_sync", "1")
+                        .with_setting("load_balancing", "in_order");
+                }
+                client
+            })
+            .collect();
+        if clients.is_empty() {
+            return Err(StoreError::Unusable(
+                "clickhouse: clickhouse.url names no server".to_string(),
+            ));
         }
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
+        // The first server that answers is the one to talk to.
+        let mut answer = Err(StoreError::Unavailable(
+            "clickhouse: no server of clickhouse.url answered".to_string(),
+        ));
+        for (index, client) in clients.iter().enumerate() {
+            match client.query("SELECT version()").fetch_one::<String>().await {
+                Ok(text) => {
+                    answer = Ok((index, text));
+                    break;
+                }
+                Err(error) => {
+                    if clients.len() > 1 {
+                        tracing::warn!(server = index, %error, "clickhouse: a server of clickhouse.url does not answer; trying the next");
+                    }
+                    answer = Err(map_error(error));
+                }
+            }
         }
-        let version_text: String = client
-            .query("SELECT version()")
-            .fetch_one()
-            .await
-            .map_err(map_error)?;
+        let (current, version_text) = answer?;
+        let client = clients[current].clone();
         let version = ServerVersion::parse(&version_text).ok_or_else(|| {
             StoreError::Rejected(format!(
                 "clickhouse: cannot read server version {version_text:?}"
@@ -529,74 +630,88 @@ impl ClickHouseStore {
                     .map_err(map_error)
             }
         };
-        // The snapshot table of earlier releases (one row per snapshot, its frames in the
-        // row) is renamed aside: the view of the stack dictionary takes its name, and
-        // `migrate_earlier_layout` moves its rows.
-        let snapshot_engine: Option<String> = client
-            .query("SELECT engine FROM system.tables WHERE database = ? AND name = 'profile_thread_snapshot'")
-            .bind(database.as_str())
-            .fetch_optional()
-            .await
-            .map_err(map_error)?;
-        let earlier_layout = snapshot_engine.is_some_and(|engine| engine != "View");
-        if earlier_layout && !config.create_schema {
-            return Err(StoreError::Unusable(format!(
-                "clickhouse: {database}.profile_thread_snapshot is the table of an earlier release; \
-                 skysnap moves it into the stack dictionary at start-up, which needs \
-                 clickhouse.create_schema: true (or apply `skysnap schema` and move the rows by hand)"
-            )));
-        }
-        let task_index_before = exists("profile_task_service").await?;
-        let tasks_before = exists("profile_task").await?;
-        if config.create_schema {
-            if earlier_layout {
-                tracing::info!(%database, "clickhouse: setting the earlier snapshot table aside as profile_thread_snapshot_v1");
-                for statement in [
-                    // Fed from the old table; created again over the new one.
-                    format!("DROP TABLE IF EXISTS {database}.profile_segment_task_mv"),
-                    format!(
-                        "RENAME TABLE {database}.profile_thread_snapshot \
-                         TO {database}.profile_thread_snapshot_v1"
-                    ),
-                ] {
+        let lookup_indexes = if let Some(cluster) = &cluster_opt {
+            if config.create_schema {
+                apply_cluster_schema(&client, version, config, cluster, retention_days).await?;
+            }
+            // A cluster's schema has been rendered with the indexes from the start.
+            true
+        } else {
+            // The snapshot table of earlier releases (one row per snapshot, its frames in
+            // the row) is renamed aside: the view of the stack dictionary takes its name,
+            // and `migrate_earlier_layout` moves its rows.
+            let snapshot_engine: Option<String> = client
+                .query("SELECT engine FROM system.tables WHERE database = ? AND name = 'profile_thread_snapshot'")
+                .bind(database.as_str())
+                .fetch_optional()
+                .await
+                .map_err(map_error)?;
+            let earlier_layout = snapshot_engine.is_some_and(|engine| engine != "View");
+            if earlier_layout && !config.create_schema {
+                return Err(StoreError::Unusable(format!(
+                    "clickhouse: {database}.profile_thread_snapshot is the table of an earlier release; \
+                     skysnap moves it into the stack dictionary at start-up, which needs \
+                     clickhouse.create_schema: true (or apply `skysnap schema` and move the rows by hand)"
+                )));
+            }
+            let task_index_before = exists("profile_task_service").await?;
+            let tasks_before = exists("profile_task").await?;
+            if config.create_schema {
+                if earlier_layout {
+                    tracing::info!(%database, "clickhouse: setting the earlier snapshot table aside as profile_thread_snapshot_v1");
+                    for statement in [
+                        // Fed from the old table; created again over the new one.
+                        format!("DROP TABLE IF EXISTS {database}.profile_segment_task_mv"),
+                        format!(
+                            "RENAME TABLE {database}.profile_thread_snapshot \
+                             TO {database}.profile_thread_snapshot_v1"
+                        ),
+                    ] {
+                        client
+                            .query(&statement)
+                            .execute()
+                            .await
+                            .map_err(map_error)?;
+                    }
+                }
+                let ddl = schema::render(version, database, retention_days);
+                for statement in schema::statements(&ddl) {
                     client
                         .query(&statement)
                         .execute()
                         .await
                         .map_err(map_error)?;
                 }
+                if tasks_before && !task_index_before {
+                    // Tasks of an earlier release get their index rows once; the view
+                    // feeds the index from here on (a row indexed twice collapses).
+                    // Snapshots get theirs as they are moved into the dictionary.
+                    tracing::info!(%database, "indexing existing tasks (profile_task_service)");
+                    client
+                        .query(&format!(
+                            "INSERT INTO {database}.profile_task_service \
+                             SELECT id, service, intDiv(time_bucket, 10000) AS day FROM {database}.profile_task"
+                        ))
+                        .execute()
+                        .await
+                        .map_err(map_error)?;
+                }
             }
-            let ddl = schema::render(version, database, retention_days);
-            for statement in schema::statements(&ddl) {
-                client
-                    .query(&statement)
-                    .execute()
-                    .await
-                    .map_err(map_error)?;
-            }
-            if tasks_before && !task_index_before {
-                // Tasks of an earlier release get their index rows once; the view feeds
-                // the index from here on (a row indexed twice collapses). Snapshots get
-                // theirs as they are moved into the dictionary.
-                tracing::info!(%database, "indexing existing tasks (profile_task_service)");
-                client
-                    .query(&format!(
-                        "INSERT INTO {database}.profile_task_service \
-                         SELECT id, service, intDiv(time_bucket, 10000) AS day FROM {database}.profile_task"
-                    ))
-                    .execute()
-                    .await
-                    .map_err(map_error)?;
-            }
-        }
-        let lookup_indexes =
-            exists("profile_segment_task").await? && exists("profile_task_service").await?;
+            exists("profile_segment_task").await? && exists("profile_task_service").await?
+        };
         if !lookup_indexes {
             tracing::warn!(%database, "no profile_segment_task or profile_task_service table (schema of an earlier release): reading a segment's snapshots or a task by id scans its table");
         }
-        tracing::info!(%version, %database, ttl = version.is_modern(), "clickhouse store ready");
+        tracing::info!(%version, %database, ttl = version.is_modern(), cluster = cluster_opt.as_deref().unwrap_or(""), "clickhouse store ready");
         Ok(ClickHouseStore {
-            client: client.with_database(database),
+            clients: clients
+                .into_iter()
+                .map(|client| client.with_database(database))
+                .collect(),
+            current: AtomicUsize::new(current),
+            moved_at_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            cluster_opt,
             database: database.clone(),
             version,
             lookup_indexes,
@@ -606,6 +721,74 @@ impl ClickHouseStore {
         })
     }
 
+    /// The client of the server in use.
+    fn client(&self) -> &Client {
+        &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
+    }
+
+    /// Maps a failed request's error; a server that did not answer at all (refused or
+    /// dropped the connection, timed out) makes the store move on to the next server of
+    /// `clickhouse.url`, at most once a second, so that the requests that were in flight
+    /// with the failed one do not move it past a good server.
+    fn failed(&self, error: clickhouse::error::Error) -> StoreError {
+        use clickhouse::error::Error;
+        if self.clients.len() > 1 && matches!(error, Error::Network(_) | Error::TimedOut) {
+            let now_ms = self.started.elapsed().as_millis() as u64 + 1_000;
+            let last_ms = self.moved_at_ms.load(Ordering::Relaxed);
+            if now_ms >= last_ms + 1_000
+                && self
+                    .moved_at_ms
+                    .compare_exchange(last_ms, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let next = self.current.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
+                    % self.clients.len();
+                tracing::warn!(server = next, %error, "clickhouse: the server in use does not answer; moving to the next of clickhouse.url");
+            }
+        }
+        map_error(error)
+    }
+
+    /// The name of a table's rows on this node: on a cluster its shard-local table,
+    /// read by a subquery that is sent to every shard with the outer query (so it must be
+    /// sharded like the outer table).
+    fn local(&self, table: &str) -> String {
+        match &self.cluster_opt {
+            // Qualified: the shards run it in their default database.
+            Some(_) => format!("{}.{table}{}", self.database, schema::LOCAL_SUFFIX),
+            None => table.to_string(),
+        }
+    }
+
+    /// The name of the table that holds a table's rows on each node.
+    fn stored_name(&self, table: &str) -> String {
+        match &self.cluster_opt {
+            Some(_) => format!("{table}{}", schema::LOCAL_SUFFIX),
+            None => table.to_string(),
+        }
+    }
+
+    /// The frames of every stack that the snapshots matching `where_sql` refer to, each
+    /// once (a stack stored on several days, or on a cluster, is the same frames).
+    fn frames_sql(&self, where_sql: &str) -> String {
+        format!(
+            "SELECT stack_id, any(frames) AS frames FROM profile_stack \
+             WHERE stack_id {} (SELECT stack_id FROM profile_snapshot {where_sql}) \
+             GROUP BY stack_id",
+            self.global_in()
+        )
+    }
+
+    /// `IN` for a subquery over a table sharded otherwise than the outer one: on a
+    /// cluster the set is read once, from every shard, and sent along (`GLOBAL IN`).
+    fn global_in(&self) -> &'static str {
+        if self.cluster_opt.is_some() {
+            "GLOBAL IN"
+        } else {
+            "IN"
+        }
+    }
+
     /// Moves the snapshots of an earlier release's table (set aside at connection as
     /// `profile_thread_snapshot_v1`) into the stack dictionary, then drops it. Not
     /// bounded by the start-up limit: it takes as long as the table is large, and says
@@ -613,30 +796,30 @@ impl ClickHouseStore {
     /// collapse by key).
     pub async fn migrate_earlier_layout(&self) -> Result<(), StoreError> {
         let aside: u8 = self
-            .client
+            .client()
             .query("EXISTS TABLE profile_thread_snapshot_v1")
             .fetch_one()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         if aside != 1 {
             return Ok(());
         }
         let total: u64 = self
-            .client
+            .client()
             .query("SELECT count() FROM profile_thread_snapshot_v1")
             .fetch_one()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         tracing::info!(database = %self.database, snapshots = total, "clickhouse: moving the snapshots of the earlier layout into the stack dictionary");
         let mut cursor = self
-            .client
+            .client()
             .query("SELECT ?fields FROM profile_thread_snapshot_v1")
             .fetch::<SnapshotRow>()
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         let mut chunk = Vec::with_capacity(MIGRATION_CHUNK_ROWS);
         let mut moved = 0u64;
         loop {
-            let row = cursor.next().await.map_err(map_error)?;
+            let row = cursor.next().await.map_err(|error| self.failed(error))?;
             let done = row.is_none();
             if let Some(row) = row {
                 chunk.push(SnapshotRecord::from(row));
@@ -651,11 +834,11 @@ impl ClickHouseStore {
                 break;
             }
         }
-        self.client
+        self.client()
             .query("DROP TABLE profile_thread_snapshot_v1")
             .execute()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         tracing::info!(
             snapshots = moved,
             "clickhouse: earlier layout migrated and dropped"
@@ -681,10 +864,10 @@ impl ClickHouseStore {
             return Ok(Vec::new());
         }
         let frames: std::collections::HashMap<StackId, Stack> =
-            bind_filter(self.client.query(&frames_sql(where_sql)), values)
+            bind_filter(self.client().query(&self.frames_sql(where_sql)), values)
                 .fetch_all::<StackFramesRow>()
                 .await
-                .map_err(map_error)?
+                .map_err(|error| self.failed(error))?
                 .into_iter()
                 .map(|row| (StackId(row.stack_id), Stack::from(row.frames)))
                 .collect();
@@ -710,15 +893,25 @@ impl ClickHouseStore {
     /// looked up in `profile_segment_task` first, so that the read uses the snapshot
     /// table's key (task_id, segment_id, sequence) instead of scanning the table.
     fn snapshot_where(&self, filter: &SnapshotFilter) -> (String, Vec<FilterValue>) {
-        let (where_sql, mut values) = filter.where_sql();
+        let (mut where_sql, mut values) = filter.where_sql();
+        // Kept segments are sharded by segment alone, snapshots by task and segment.
+        where_sql = where_sql.replace(
+            "segment_id IN (SELECT segment_id FROM profiled_segment",
+            &format!(
+                "segment_id {} (SELECT segment_id FROM profiled_segment",
+                self.global_in()
+            ),
+        );
         match (&filter.task_id_opt, &filter.segment_id_opt) {
             (None, Some(segment_id)) if self.lookup_indexes => {
                 values.insert(0, FilterValue::Text(segment_id.clone()));
                 let conditions = where_sql.trim_start_matches("WHERE ");
+                // The look-up rows lie on the shard of the snapshots they stand for.
                 (
                     format!(
-                        "WHERE task_id IN (SELECT task_id FROM profile_segment_task \
-                         WHERE segment_id = ?) AND {conditions}"
+                        "WHERE task_id IN (SELECT task_id FROM {} \
+                         WHERE segment_id = ?) AND {conditions}",
+                        self.local("profile_segment_task")
                     ),
                     values,
                 )
@@ -734,12 +927,19 @@ impl ClickHouseStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut insert = self.client.insert::<T>(table).await.map_err(map_error)?;
+        let mut insert = self
+            .client()
+            .insert::<T>(table)
+            .await
+            .map_err(|error| self.failed(error))?;
         for row in rows {
-            insert.write(row).await.map_err(map_error)?;
+            insert
+                .write(row)
+                .await
+                .map_err(|error| self.failed(error))?;
         }
         // A dropped insert aborts; only `end` commits it.
-        insert.end().await.map_err(map_error)
+        insert.end().await.map_err(|error| self.failed(error))
     }
 }
 
@@ -756,11 +956,11 @@ impl Store for ClickHouseStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.client
+        self.client()
             .query("SELECT 1")
             .execute()
             .await
-            .map_err(map_error)
+            .map_err(|error| self.failed(error))
     }
 
     async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
@@ -771,15 +971,17 @@ impl Store for ClickHouseStore {
     async fn get_task(&self, id: &str) -> Result<Option<Task>, StoreError> {
         // The table is ordered by (service, id): the service comes from the index.
         let query = if self.lookup_indexes {
-            self.client
-                .query(
+            self.client()
+                .query(&format!(
                     "SELECT ?fields FROM profile_task FINAL WHERE service IN \
-                     (SELECT service FROM profile_task_service WHERE id = ?) AND id = ? LIMIT 1",
-                )
+                     (SELECT service FROM {} WHERE id = ?) AND id = ? LIMIT 1",
+                    // On the task's shard, with it.
+                    self.local("profile_task_service")
+                ))
                 .bind(id)
                 .bind(id)
         } else {
-            self.client
+            self.client()
                 .query("SELECT ?fields FROM profile_task FINAL WHERE id = ? LIMIT 1")
                 .bind(id)
         };
@@ -787,14 +989,14 @@ impl Store for ClickHouseStore {
             .fetch_optional::<TaskRow>()
             .await
             .map(|row| row.map(Task::from))
-            .map_err(map_error)
+            .map_err(|error| self.failed(error))
     }
 
     async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>, StoreError> {
         let service = filter.service.clone().unwrap_or_default();
         let endpoint = filter.endpoint_name.clone().unwrap_or_default();
         let rows = self
-            .client
+            .client()
             .query(
                 "SELECT ?fields FROM profile_task FINAL \
                  WHERE (? = '' OR service = ?) AND (? = '' OR endpoint_name = ?) \
@@ -806,7 +1008,7 @@ impl Store for ClickHouseStore {
             .bind(&endpoint)
             .fetch_all::<TaskRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
 
@@ -817,7 +1019,7 @@ impl Store for ClickHouseStore {
         end_time: i64,
     ) -> Result<Vec<Task>, StoreError> {
         let rows = self
-            .client
+            .client()
             .query(
                 "SELECT ?fields FROM profile_task FINAL \
                  WHERE service = ? AND start_time <= ? AND end_time >= ?",
@@ -827,18 +1029,18 @@ impl Store for ClickHouseStore {
             .bind(start_time)
             .fetch_all::<TaskRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
 
     async fn unfinished_tasks(&self, now_ms: i64) -> Result<Vec<Task>, StoreError> {
         let rows = self
-            .client
+            .client()
             .query("SELECT ?fields FROM profile_task FINAL WHERE end_time >= ? ORDER BY service, create_time")
             .bind(now_ms)
             .fetch_all::<TaskRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         Ok(rows.into_iter().map(Task::from).collect())
     }
 
@@ -860,7 +1062,7 @@ impl Store for ClickHouseStore {
 
     async fn task_logs(&self, task_id: &str) -> Result<Vec<TaskLog>, StoreError> {
         let rows = self
-            .client
+            .client()
             .query(
                 "SELECT ?fields FROM profile_task_log FINAL WHERE task_id = ? \
                  ORDER BY operation_time, instance, operation",
@@ -868,7 +1070,7 @@ impl Store for ClickHouseStore {
             .bind(task_id)
             .fetch_all::<LogRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         rows.into_iter()
             .map(|row| {
                 let operation =
@@ -950,8 +1152,8 @@ impl Store for ClickHouseStore {
         // per segment id even before a merge collapsed a re-sent one in another partition.
         // Current servers want both sides of the JOIN named.
         let rows = self
-            .client
-            .query(
+            .client()
+            .query(&format!(
                 "SELECT segment_id, snapshot_count, first_dump_time, last_dump_time, \
                  kept, trace_id, endpoint, start_time, duration, is_error \
                  FROM ( \
@@ -963,16 +1165,17 @@ impl Store for ClickHouseStore {
                  ) AS snapshots ANY LEFT JOIN ( \
                      SELECT segment_id, toUInt8(1) AS kept, trace_id, endpoint, start_time, \
                      duration, is_error FROM profiled_segment FINAL \
-                     WHERE segment_id IN \
+                     WHERE segment_id {} \
                          (SELECT segment_id FROM profile_snapshot WHERE task_id = ?) \
                  ) AS kept_segments USING segment_id \
                  ORDER BY first_dump_time, segment_id",
-            )
+                self.global_in()
+            ))
             .bind(task_id)
             .bind(task_id)
             .fetch_all::<SegmentRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         Ok(rows.into_iter().map(SegmentSummary::from).collect())
     }
 
@@ -987,7 +1190,7 @@ impl Store for ClickHouseStore {
         };
         let (where_sql, values) = self.snapshot_where(&filter);
         let rows = bind_filter(
-            self.client.query(&format!(
+            self.client().query(&format!(
                 "SELECT ?fields FROM profile_snapshot FINAL {where_sql} \
                  ORDER BY sequence, task_id LIMIT ?"
             )),
@@ -996,14 +1199,14 @@ impl Store for ClickHouseStore {
         .bind(limit as u64)
         .fetch_all::<SnapshotKeyReadRow>()
         .await
-        .map_err(map_error)?;
+        .map_err(|error| self.failed(error))?;
         self.with_frames(rows, &where_sql, &values).await
     }
 
     async fn count_snapshots(&self, filter: &SnapshotFilter) -> Result<u64, StoreError> {
         let (where_sql, values) = self.snapshot_where(filter);
         bind_filter(
-            self.client.query(&format!(
+            self.client().query(&format!(
                 "SELECT uniqExact(task_id, segment_id, sequence) \
                  FROM profile_snapshot {where_sql}"
             )),
@@ -1011,7 +1214,7 @@ impl Store for ClickHouseStore {
         )
         .fetch_one::<u64>()
         .await
-        .map_err(map_error)
+        .map_err(|error| self.failed(error))
     }
 
     async fn snapshots(
@@ -1027,14 +1230,14 @@ impl Store for ClickHouseStore {
         let (where_sql, values) = self.snapshot_where(filter);
         let cap = limit.saturating_mul(2).saturating_add(1);
         let mut rows = bind_filter(
-            self.client.query(&format!(
+            self.client().query(&format!(
                 "SELECT ?fields FROM profile_snapshot {where_sql} LIMIT {cap}"
             )),
             &values,
         )
         .fetch_all::<SnapshotKeyReadRow>()
         .await
-        .map_err(map_error)?;
+        .map_err(|error| self.failed(error))?;
         if rows.len() < cap {
             rows.sort_by(|a, b| {
                 (&a.task_id, &a.segment_id, a.sequence).cmp(&(
@@ -1049,7 +1252,7 @@ impl Store for ClickHouseStore {
             rows.truncate(limit);
         } else {
             rows = bind_filter(
-                self.client.query(&format!(
+                self.client().query(&format!(
                     "SELECT ?fields FROM profile_snapshot FINAL {where_sql} \
                      ORDER BY task_id, segment_id, sequence LIMIT {limit}"
                 )),
@@ -1057,7 +1260,7 @@ impl Store for ClickHouseStore {
             )
             .fetch_all::<SnapshotKeyReadRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         }
         self.with_frames(rows, &where_sql, &values).await
     }
@@ -1078,14 +1281,14 @@ impl Store for ClickHouseStore {
             "task_id, segment_id, sequence"
         };
         let counts_query = bind_filter(
-            self.client.query(&format!(
+            self.client().query(&format!(
                 "SELECT stack_id, uniqExact({key}) AS count \
                  FROM profile_snapshot {where_sql} GROUP BY stack_id"
             )),
             &values,
         );
-        let frames_query = bind_filter(self.client.query(&frames_sql(&where_sql)), &values);
-        let frames_again = bind_filter(self.client.query(&frames_sql(&where_sql)), &values);
+        let frames_query = bind_filter(self.client().query(&self.frames_sql(&where_sql)), &values);
+        let frames_again = bind_filter(self.client().query(&self.frames_sql(&where_sql)), &values);
         let counted = async move {
             let mut cursor = frames_query.fetch::<StackFramesRow>().map_err(map_error)?;
             let (counts, first) =
@@ -1166,12 +1369,12 @@ impl Store for ClickHouseStore {
         segment_id: &str,
     ) -> Result<Option<ProfiledSegment>, StoreError> {
         let row = self
-            .client
+            .client()
             .query("SELECT ?fields FROM profiled_segment FINAL WHERE segment_id = ? LIMIT 1")
             .bind(segment_id)
             .fetch_optional::<ProfiledSegmentRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         row.map(ProfiledSegment::try_from).transpose()
     }
 
@@ -1187,14 +1390,19 @@ impl Store for ClickHouseStore {
         let mut found = std::collections::HashSet::new();
         for chunk in wanted.chunks(SEGMENT_LOOKUP_CHUNK) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
-            let mut query = self.client.query(&format!(
+            let mut query = self.client().query(&format!(
                 "SELECT DISTINCT segment_id FROM profile_snapshot \
                  WHERE segment_id IN ({placeholders})"
             ));
             for segment_id in chunk {
                 query = query.bind(segment_id.as_str());
             }
-            found.extend(query.fetch_all::<String>().await.map_err(map_error)?);
+            found.extend(
+                query
+                    .fetch_all::<String>()
+                    .await
+                    .map_err(|error| self.failed(error))?,
+            );
         }
         Ok(wanted
             .into_iter()
@@ -1211,19 +1419,34 @@ impl Store for ClickHouseStore {
         // Each table is partitioned by the day of its time bucket; a partition is
         // dropped once its whole day is older than the cut-off day.
         let cutoff_day = minute_bucket(cutoff_ms) / 10_000;
+        let tables = [
+            "profile_task",
+            "profile_task_log",
+            "profile_snapshot",
+            "profile_stack",
+            "profiled_segment",
+            "profile_segment_task",
+            "profile_task_service",
+        ]
+        .map(|table| format!("'{}'", self.stored_name(table)))
+        .join(", ");
+        // On a cluster, the parts of one replica of each shard: every partition of the
+        // cluster, and the rows it holds.
+        let parts = match &self.cluster_opt {
+            Some(cluster) => format!("cluster({cluster}, system, parts)"),
+            None => "system.parts".to_string(),
+        };
         let partitions = self
-            .client
-            .query(
-                "SELECT table, partition, sum(rows) AS rows FROM system.parts \
-                 WHERE database = ? AND active AND table IN \
-                 ('profile_task', 'profile_task_log', 'profile_snapshot', 'profile_stack', \
-                  'profiled_segment', 'profile_segment_task', 'profile_task_service') \
-                 GROUP BY table, partition",
-            )
+            .client()
+            .query(&format!(
+                "SELECT table, partition, sum(rows) AS rows FROM {parts} \
+                 WHERE database = ? AND active AND table IN ({tables}) \
+                 GROUP BY table, partition"
+            ))
             .bind(&self.database)
             .fetch_all::<PartitionRow>()
             .await
-            .map_err(map_error)?;
+            .map_err(|error| self.failed(error))?;
         let mut removed = 0;
         for partition in partitions {
             let Ok(day) = partition.partition.trim_matches('\'').parse::<i64>() else {
@@ -1232,14 +1455,19 @@ impl Store for ClickHouseStore {
             if day >= cutoff_day {
                 continue;
             }
-            self.client
+            // On a cluster, on every shard (a replica passes it on to the other).
+            let on_cluster = match &self.cluster_opt {
+                Some(cluster) => format!(" ON CLUSTER {cluster}"),
+                None => String::new(),
+            };
+            self.client()
                 .query(&format!(
-                    "ALTER TABLE {} DROP PARTITION {day}",
-                    partition.table
+                    "ALTER TABLE {}.{}{on_cluster} DROP PARTITION {day}",
+                    self.database, partition.table
                 ))
                 .execute()
                 .await
-                .map_err(map_error)?;
+                .map_err(|error| self.failed(error))?;
             tracing::info!(table = %partition.table, day, rows = partition.rows, "expired partition dropped");
             removed += partition.rows;
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every skysnap test on a fresh machine, installing what the tests need when it is
 # missing: builds once, checks formatting and lints, installs and starts ClickHouse
-# (Debian's package), Apache Kafka (KRaft, jars from Maven Central) and two Apache SkyWalking
+# (Debian's package; one server, and four more as a 2-shard x 2-replica cluster with
+# Apache ZooKeeper 3.9 from Maven Central), Apache Kafka (KRaft, jars from Maven Central) and two Apache SkyWalking
 # OAP 10.1.0 servers (jars from Maven Central, H2 in memory) on loopback, runs the unit and integration tests (the real
 # `skysnap serve` on loopback ports), the DDL test on the current ClickHouse engine
 # (chdb-core), and the end-to-end test with the real SkyWalking Python agent
@@ -31,11 +32,16 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 
-step "servers: ClickHouse, Kafka and two SkyWalking OAPs on loopback"
+step "servers: ClickHouse, a ClickHouse cluster (ZooKeeper, 2 shards x 2 replicas), Kafka and two SkyWalking OAPs on loopback"
 trap 'scripts/services/all.sh stop >/dev/null 2>&1 || true' EXIT
 scripts/services/all.sh install
 scripts/services/all.sh start
 export SKYSNAP_TEST_CLICKHOUSE_URL="http://127.0.0.1:${CLICKHOUSE_HTTP_PORT:-18123}"
+export SKYSNAP_TEST_CLICKHOUSE_CLUSTER="${CLICKHOUSE_CLUSTER_NAME:-skysnap_cluster}"
+export SKYSNAP_TEST_CLICKHOUSE_CLUSTER_URLS="$(for node in 1 2 3 4; do
+  port_var="CLICKHOUSE_CLUSTER_HTTP_PORT_$node"
+  printf 'http://127.0.0.1:%s,' "${!port_var:-1813$node}"
+done | sed 's/,$//')"
 export SKYSNAP_TEST_KAFKA_BROKERS="127.0.0.1:${KAFKA_PORT:-19092}"
 export SKYSNAP_TEST_OAP_GRPC="127.0.0.1:${OAP_GRPC_PORT:-21800}"
 export SKYSNAP_TEST_OAP_HTTP="127.0.0.1:${OAP_HTTP_PORT:-22800}"

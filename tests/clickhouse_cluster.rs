@@ -668,3 +668,72 @@ async fn test_cluster_api_answers_as_a_single_node_on_the_same_data() {
         assert_eq!(logs[0]["instance"], "same-shop-1");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_retention_drops_expired_partitions_on_every_node() {
+    let _turn = CLUSTER.lock().await;
+    let database = fresh_database("cluster_retention");
+    let server = receiver(
+        &database,
+        &[2, 1],
+        &[("SKYSNAP_RETENTION_CHECK_INTERVAL_MS", "300")],
+    );
+    let day_ms = 86_400_000;
+    // Segments of 5 days ago and of today, spread over both shards.
+    let mut messages = Vec::new();
+    for n in 0..8 {
+        messages.extend(aged_segment(&format!("old-seg-{n}"), 5 * day_ms));
+        messages.extend(aged_segment(&format!("new-seg-{n}"), 0));
+    }
+    server
+        .profile_client()
+        .await
+        .collect_snapshot(tokio_stream::iter(messages))
+        .await
+        .unwrap();
+    // On every node (both replicas of both shards), the expired day's rows go, in the
+    // snapshots, their stacks and their look-up rows; today's stay.
+    for node in 1..=4 {
+        for (table, old_rows) in [
+            ("profile_snapshot_local", "segment_id LIKE 'old-seg-%'"),
+            ("profile_segment_task_local", "segment_id LIKE 'old-seg-%'"),
+            (
+                "profile_stack_local",
+                "day < toInt64(formatDateTime(today() - 3, '%Y%m%d'))",
+            ),
+        ] {
+            eventually(Duration::from_secs(30), || async {
+                let old = count_on_node(
+                    node,
+                    &format!("SELECT count() FROM {database}.{table} WHERE {old_rows}"),
+                )
+                .await;
+                (old == 0).then_some(())
+            })
+            .await;
+        }
+    }
+    // One drop for the cluster took the old rows of both shards: 80 snapshots.
+    let dropped: i64 = server
+        .stderr()
+        .lines()
+        .filter(|line| {
+            line.contains("expired partition dropped")
+                && line.contains("table=profile_snapshot_local")
+        })
+        .filter_map(|line| {
+            line.split("rows=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(dropped, 80, "{}", server.stderr());
+    // Today's rows: 8 segments of 10 on the shards together, on both replicas.
+    let (shard_one, shard_two) =
+        replicas_equal(&database, "profile_snapshot", Duration::from_secs(30)).await;
+    assert_eq!(shard_one + shard_two, 80);
+    assert!(shard_one > 0 && shard_two > 0, "{shard_one} / {shard_two}");
+}

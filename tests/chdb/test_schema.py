@@ -224,3 +224,24 @@ def test_view_joins_each_snapshot_to_its_frames(db):
     expected_rows = sorted([[segment, seq, list(stack)] for _, segment, seq, _, _, stack in SNAPSHOTS])
     assert rows == expected_rows
     assert db(f"SELECT count() FROM skysnap.profile_thread_snapshot WHERE task_id = {lit(TASK)}") == [[16]]
+
+
+def test_cluster_schema_parses_on_the_current_engine(db):
+    """schemas/clickhouse-cluster.sql (what `skysnap schema --cluster` prints for a current
+    server) is valid syntax for ClickHouse 26.x: each statement goes through its parser
+    (formatQuery), as a cluster needs ZooKeeper and remote_servers to run it. The 18.16
+    rendering of it runs on the real cluster of scripts/services/clickhouse-cluster.sh."""
+    cluster_ddl = (ROOT / "schemas" / "clickhouse-cluster.sql").read_text()
+    statements = ddl_statements(cluster_ddl)
+    assert len(statements) == 18
+    single = ddl_statements(DDL.read_text())
+    for statement in statements:
+        assert " ON CLUSTER skysnap_cluster" in statement, statement
+        formatted = db(f"SELECT formatQuery({lit(statement)})", "TSV")
+        assert "ON CLUSTER skysnap_cluster" in formatted, formatted
+    engines = [s for s in statements if "ENGINE = Replicated" in s]
+    distributed = [s for s in statements if "ENGINE = Distributed(" in s]
+    assert len(engines) == len(distributed) == sum(s.startswith("CREATE TABLE") for s in single) == 7
+    # A syntax error is caught: the parser is really asked.
+    with pytest.raises(Exception):
+        db(f"SELECT formatQuery({lit(statements[1].replace('ORDER BY', 'ORDER'))})", "TSV")

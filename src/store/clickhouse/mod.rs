@@ -492,13 +492,14 @@ fn classify_response(message: &str) -> ErrorClass {
     }
 }
 
-/// Seconds an `ON CLUSTER` statement waits for every node to run it; a node that is
-/// down runs it from the queue when it is back.
-const CLUSTER_DDL_TIMEOUT_SECONDS: u32 = 60;
+/// Seconds an `ON CLUSTER` statement waits for every node to run it. When one does not
+/// in time (a node is down), the rest are queued without waiting: each node runs the
+/// queue in order, a node that is down when it is back.
+const CLUSTER_DDL_TIMEOUT_SECONDS: u32 = 10;
 
 /// Applies the cluster schema `ON CLUSTER`, unless this node already has every table
-/// and view of it: a statement waits for every node, so skysnap starting while one node
-/// of the cluster is down would otherwise wait out the timeout for nothing.
+/// and view of it (a statement waits for every node, so skysnap starting while a node
+/// is down would wait for nothing), then waits for this node to have all of it.
 async fn apply_cluster_schema(
     client: &Client,
     version: ServerVersion,
@@ -521,38 +522,58 @@ async fn apply_cluster_schema(
         .iter()
         .filter_map(|statement| schema::created_name(statement, database))
         .collect();
-    let present: Vec<String> = client
-        .query("SELECT name FROM system.tables WHERE database = ?")
-        .bind(database.as_str())
-        .fetch_all::<String>()
-        .await
-        .map_err(map_error)?;
-    if wanted.iter().all(|name| present.contains(name)) {
+    let missing = || async {
+        let present: Vec<String> = client
+            .query("SELECT name FROM system.tables WHERE database = ?")
+            .bind(database.as_str())
+            .fetch_all::<String>()
+            .await
+            .map_err(map_error)?;
+        Ok::<_, StoreError>(
+            wanted
+                .iter()
+                .filter(|name| !present.contains(name))
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+    };
+    if missing().await?.is_empty() {
         tracing::info!(%database, cluster, "clickhouse: the cluster schema is in place on this node");
         return Ok(());
     }
     tracing::info!(%database, cluster, "clickhouse: creating the schema on the cluster");
+    let mut wait_seconds = CLUSTER_DDL_TIMEOUT_SECONDS;
     for statement in statements {
         let result = client
             .query(&statement)
-            .with_setting(
-                "distributed_ddl_task_timeout",
-                CLUSTER_DDL_TIMEOUT_SECONDS.to_string(),
-            )
+            .with_setting("distributed_ddl_task_timeout", wait_seconds.to_string())
             .execute()
             .await;
-        if let Err(error) = result {
-            let text = error.to_string();
-            // TIMEOUT_EXCEEDED: some node has not run it yet (down); the others have,
-            // and that one will from the queue.
-            if text.contains("Code: 159") {
-                tracing::warn!(%error, "clickhouse: a node of the cluster has not applied the schema yet; it will when it is back");
-                continue;
+        match result {
+            Ok(()) => {}
+            // TIMEOUT_EXCEEDED: a node has not run it yet.
+            Err(error) if error.to_string().contains("Code: 159") => {
+                tracing::warn!(%error, "clickhouse: a node of the cluster has not applied the schema; it will when it is back, and the rest is queued without waiting");
+                wait_seconds = 0;
             }
-            return Err(map_error(error));
+            Err(error) => return Err(map_error(error)),
         }
     }
-    Ok(())
+    // Queued statements: this node runs them in turn.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let missing = missing().await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Unavailable(format!(
+                "clickhouse: the cluster schema is not in place on this node: {} missing",
+                missing.join(", ")
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 impl ClickHouseStore {

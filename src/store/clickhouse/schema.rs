@@ -145,7 +145,11 @@ pub fn render_cluster(
         "-- shard, so FINAL and LIMIT 1 BY the key stay exact. An IN subquery over another".into(),
         "-- Distributed table is written GLOBAL IN (or reads a _local table that is sharded".into(),
         "-- like the outer one: profile_segment_task with profile_snapshot, profile_task_service".into(),
-        "-- with profile_task).".into(),
+        "-- with profile_task). Apply it on any one node; each statement runs on all:".into(),
+        "--".into(),
+        "--   clickhouse-client --multiquery < schemas/clickhouse-cluster.sql".into(),
+        "--".into(),
+        "-- The single-node schema's notes follow.".into(),
         "--".into(),
     ];
     // The table or view whose statement is being read, and its kind.
@@ -470,6 +474,24 @@ mod tests {
             assert!(text.contains("(SELECT service FROM prof.profile_task_service_local WHERE"));
             assert!(text.contains("(SELECT task_id FROM prof.profile_segment_task_local WHERE"));
         }
+    }
+
+    #[test]
+    fn test_schema_cluster_file_is_the_rendering() {
+        let file = include_str!("../../../schemas/clickhouse-cluster.sql");
+        let rendered = render_cluster(
+            ServerVersion::MODERN,
+            "skysnap",
+            3,
+            Cluster {
+                name: "skysnap_cluster",
+                replication_path_prefix: "/clickhouse/tables",
+            },
+        );
+        assert!(
+            file == rendered,
+            "schemas/clickhouse-cluster.sql is stale: skysnap schema --cluster skysnap_cluster > schemas/clickhouse-cluster.sql"
+        );
     }
 
     #[test]

@@ -208,6 +208,10 @@ expect_failure "tokens in config.auth (schema)" "additional properties? 'auth' n
   --set config.auth.agent_token=x
 expect_failure "unknown top-level value (schema)" "additional properties? 'replicas' not allowed|replicas" \
   --set replicas=3
+expect_failure "clickhouse.cluster not a plain name (schema)" "does not match|pattern" \
+  --set config.clickhouse.cluster='a b'
+expect_failure "clickhouse.url with a server that is no URL (schema)" "does not match|pattern" \
+  --set 'config.clickhouse.url=http://a:8123\,b:8123'
 expect_failure "bad store.kind (schema)" "sqlite|clickhouse|enum|value must be one of" \
   --set config.store.kind=postgres
 upstream_values=$CHART/ci/upstream-values.yaml

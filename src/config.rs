@@ -992,6 +992,53 @@ mod tests {
     }
 
     #[test]
+    fn test_config_clickhouse_cluster_and_servers() {
+        let config = Config::load_with_env(
+            None,
+            &env(&[
+                ("SKYSNAP_CLICKHOUSE_CLUSTER", "profiles_2x2"),
+                (
+                    "SKYSNAP_CLICKHOUSE_URL",
+                    "http://ch-1:8123, http://ch-2:8123,",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.clickhouse.cluster, "profiles_2x2");
+        assert_eq!(
+            config.clickhouse.urls().collect::<Vec<_>>(),
+            ["http://ch-1:8123", "http://ch-2:8123"]
+        );
+        assert_eq!(
+            config.clickhouse.replication_path_prefix,
+            "/clickhouse/tables"
+        );
+        for (variable, value, key) in [
+            (
+                "SKYSNAP_CLICKHOUSE_CLUSTER",
+                "two words",
+                "clickhouse.cluster",
+            ),
+            ("SKYSNAP_CLICKHOUSE_URL", " , ", "clickhouse.url"),
+            (
+                "SKYSNAP_CLICKHOUSE_REPLICATION_PATH_PREFIX",
+                "tables",
+                "clickhouse.replication_path_prefix",
+            ),
+            (
+                "SKYSNAP_CLICKHOUSE_REPLICATION_PATH_PREFIX",
+                "/it's",
+                "clickhouse.replication_path_prefix",
+            ),
+        ] {
+            let error = Config::load_with_env(None, &env(&[(variable, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{value}: {error}");
+        }
+    }
+
+    #[test]
     fn test_config_empty_file_is_defaults() {
         let f = file("");
         assert_eq!(

@@ -21,6 +21,13 @@ of a million snapshots and one segment of 12,000, then the median wall time of
 skysnap's peak RSS while it answers and the store's own time for the same reads.
 Results go to docs/perf/analysis.json and into the analysis block of the doc.
 
+--cluster runs only the ClickHouse cluster comparison (issue 14), same load, same run:
+skysnap into the single loopback server and into the 2-shard x 2-replica cluster of
+scripts/services/clickhouse-cluster.sh, and raw full-row INSERTs (each target swept
+over INSERT sizes and concurrencies) into the single server's plain table, one shard's
+replicated table, and the cluster's Distributed table with and without synchronous
+inserts. Results go to docs/perf/cluster.json and into the cluster block of the doc.
+
 Run it through benches/run.sh, which builds the release binaries and starts the
 loopback ClickHouse and Kafka of scripts/services.
 """
@@ -67,6 +74,21 @@ OAP_GRPC = os.environ.get("OAP_BENCH_GRPC", "127.0.0.1:21810")
 FORWARDING_CONCURRENCY = [1, 4, 16, 64]
 FORWARDING_BATCH = [1, 50]
 FORWARDING_SPANS = 5
+CLUSTER = os.path.join(ROOT, "docs/perf/cluster.json")
+CLUSTER_NAME = os.environ.get("SKYSNAP_BENCH_CLICKHOUSE_CLUSTER", "skysnap_cluster")
+# The nodes skysnap and the raw baseline talk to (node 1 of shard 1, then its replica);
+# every node's HTTP interface for the clean-up.
+CLUSTER_NODES = os.environ.get(
+    "SKYSNAP_BENCH_CLICKHOUSE_CLUSTER_URLS",
+    ",".join(f"http://127.0.0.1:1813{node}" for node in range(1, 5))).split(",")
+CLUSTER_DIR = os.environ.get("CLICKHOUSE_CLUSTER_DIR", "/tmp/skysnap-services/ch-cluster")
+ZOOKEEPER_PID_FILE = os.environ.get("ZOOKEEPER_DIR", "/tmp/skysnap-services/zookeeper") + "/zookeeper.pid"
+# The raw cluster sweep: rows per INSERT x concurrent INSERTs, per target; 2,000 is about
+# the INSERT skysnap makes under the benchmark's load (its commits hold what the agents
+# have in flight: 16,000 snapshots over 2 shards x 2 commits).
+CLUSTER_SWEEP_ROWS = [2_000, 10_000, 100_000]
+CLUSTER_SWEEP_CONCURRENCY = [1, 4]
+CLUSTER_RAW_TARGETS = ("single", "local", "distributed", "distributed-async")
 DOC = os.path.join(ROOT, "docs/PERFORMANCE.md")
 CLICKHOUSE_URL = os.environ.get("SKYSNAP_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:18123")
 KAFKA_BROKERS = os.environ.get("SKYSNAP_BENCH_KAFKA_BROKERS", "127.0.0.1:19092")
@@ -114,12 +136,18 @@ SERVICE_PID_FILES = {
 
 
 def service_cpu():
-    """CPU seconds used so far by each loopback server, to show where a run's time went."""
+    """CPU seconds used so far by each loopback server, to show where a run's time went
+    (the cluster: its four servers and ZooKeeper together)."""
     used = {}
-    for name, pid_file in SERVICE_PID_FILES.items():
+    cluster_files = [f"{CLUSTER_DIR}/node{node}/clickhouse.pid" for node in range(1, 5)]
+    for name, pid_files in [*((name, [path]) for name, path in SERVICE_PID_FILES.items()),
+                            ("cluster", cluster_files + [ZOOKEEPER_PID_FILE])]:
         try:
-            with open(pid_file) as handle:
-                used[name] = cpu_seconds(int(handle.read().strip()))
+            total = 0.0
+            for pid_file in pid_files:
+                with open(pid_file) as handle:
+                    total += cpu_seconds(int(handle.read().strip()))
+            used[name] = total
         except (OSError, ValueError):
             used[name] = None
     return used
@@ -414,6 +442,173 @@ def scenario_raw_clickhouse(seconds, rows, concurrency):
         "peak_rss_mb": peak, "cpu_cores": cpu / report["seconds"],
         "bytes_per_snapshot": report["bytes_per_row"],
     }
+
+
+def cluster_query(query, node=0, settings=""):
+    url = f"{CLUSTER_NODES[node]}/?{urllib.parse.urlencode({'query': query})}{settings}"
+    with urllib.request.urlopen(url, data=b"", timeout=120) as response:
+        return response.read().decode().strip()
+
+
+def drop_cluster_database(database):
+    cluster_query(f"DROP DATABASE IF EXISTS {database} ON CLUSTER {CLUSTER_NAME}")
+
+
+def scenario_cluster(seconds, rate=0):
+    """skysnap into the cluster, entering at node 1 (node 2 after it)."""
+    database = f"skysnap_bench_cl_{uuid.uuid4().hex[:8]}"
+    env = {"SKYSNAP_STORE_KIND": "clickhouse",
+           "SKYSNAP_CLICKHOUSE_URL": ",".join(CLUSTER_NODES[:2]),
+           "SKYSNAP_CLICKHOUSE_CLUSTER": CLUSTER_NAME,
+           "SKYSNAP_CLICKHOUSE_DATABASE": database}
+    with tempfile.TemporaryDirectory(prefix="skysnap-bench-") as data:
+        server = skysnap_serve(data, env)
+        try:
+            result = measured_load(server, server.addresses["http"], seconds, rate)
+        finally:
+            server.stop()
+    # One replica of each shard: the bytes of one copy (the cluster keeps two).
+    row = cluster_query(
+        "SELECT sum(bytes_on_disk), sumIf(rows, table = 'profile_snapshot_local') "
+        f"FROM cluster({CLUSTER_NAME}, system, parts) WHERE database = '{database}' AND active "
+        "AND table IN ('profile_snapshot_local', 'profile_stack_local', 'profile_segment_task_local')")
+    size, rows = (int(value or 0) for value in row.split("\t"))
+    result["bytes_per_snapshot"] = size / rows if rows else None
+    drop_cluster_database(database)
+    return result
+
+
+def scenario_raw_cluster(seconds, rows, concurrency, target):
+    """Raw full-row INSERTs: `single` into the single server's plain table, the others
+    into the cluster (`local`: one shard's replicated table at node 1; `distributed`:
+    the Distributed table, synchronous; `distributed-async`: queued on node 1)."""
+    if target == "single":
+        result = scenario_raw_clickhouse(seconds, rows, concurrency)
+        result["target"] = target
+        return result
+    database = f"skysnap_bench_rawcl_{uuid.uuid4().hex[:8]}"
+    command = [RAW_CLICKHOUSE, "--url", CLUSTER_NODES[0], "--database", database,
+               "--cluster", CLUSTER_NAME, "--cluster-target", target,
+               "--batch", str(rows), "--concurrency", str(concurrency),
+               "--seconds", str(seconds), "--segment-snapshots", str(LOAD["batch"]),
+               "--json"] + stack_arguments(LOAD)
+    services_before = service_cpu()
+    began = time.monotonic()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 300)
+    elapsed = time.monotonic() - began
+    services_after = service_cpu()
+    if finished.returncode != 0:
+        raise RuntimeError(f"raw_clickhouse --cluster failed: {finished.stderr[-2000:]}")
+    report = json.loads(finished.stdout)
+    drop_cluster_database(database)
+    return {
+        "target": target,
+        "rows_per_insert": rows,
+        "concurrency": concurrency,
+        "cluster_cpu_cores": (services_after["cluster"] - services_before["cluster"]) / elapsed,
+        "snapshots_per_second": report["rows_per_second"],
+        "bytes_per_snapshot": report["bytes_per_row"],
+    }
+
+
+def measure_cluster(runs, seconds):
+    """skysnap single node vs cluster (interleaved runs), then each raw target swept
+    once over CLUSTER_SWEEP_ROWS x CLUSTER_SWEEP_CONCURRENCY and run twice more at its
+    best; medians."""
+    skysnap_runs = {"single": [], "cluster": []}
+    for run in range(runs):
+        for name, scenario in (("single", scenario_clickhouse), ("cluster", scenario_cluster)):
+            wait_for_quiet_clickhouse()
+            log(f"cluster comparison run {run + 1}/{runs}: skysnap -> {name}")
+            result = scenario(seconds)
+            log(f"  {result['snapshots_per_second']:.0f} snapshots/s, ack p99 {result['ack_p99_ms']:.0f} ms")
+            skysnap_runs[name].append(result)
+    raw = {}
+    for target in CLUSTER_RAW_TARGETS:
+        sweep = []
+        for rows in CLUSTER_SWEEP_ROWS:
+            for concurrency in CLUSTER_SWEEP_CONCURRENCY:
+                log(f"raw {target}: {rows} rows x {concurrency}")
+                sweep.append(scenario_raw_cluster(seconds, rows, concurrency, target))
+        best = max(sweep, key=lambda r: r["snapshots_per_second"])
+        more = [scenario_raw_cluster(seconds, best["rows_per_insert"], best["concurrency"], target)
+                for _ in range(max(runs - 1, 0))]
+        raw[target] = {"sweep": sweep, "runs": [best] + more, "median": median_of([best] + more)}
+        log(f"raw {target}: best {best['rows_per_insert']} x {best['concurrency']}, "
+            f"median {raw[target]['median']['snapshots_per_second']:.0f}/s")
+    return {
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "seconds": seconds,
+        "runs": runs,
+        "load": LOAD,
+        "cluster": {"name": CLUSTER_NAME, "shards": 2, "replicas": 2},
+        "skysnap": {name: {"runs": results, "median": median_of(results)}
+                    for name, results in skysnap_runs.items()},
+        "raw": raw,
+    }
+
+
+def render_cluster(c):
+    single, cluster = c["skysnap"]["single"]["median"], c["skysnap"]["cluster"]["median"]
+    raw = c["raw"]
+    limit_single = raw["single"]["median"]["snapshots_per_second"]
+    m = c["machine"]
+    lines = [
+        f"Measured {m['date']} at `{c['commit']}` on {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_gib']} GiB, ClickHouse {m['clickhouse']}; {c['runs']} runs of "
+        f"{c['seconds']} s, medians; the realistic load ({c['load']['agents']} agents x "
+        f"{c['load']['streams']} streams of {c['load']['batch']} snapshots). The cluster is "
+        f"`{c['cluster']['name']}`: {c['cluster']['shards']} shards x {c['cluster']['replicas']} "
+        "replicas of Debian's 18.16 and one ZooKeeper, all on the same 2 cores as the single "
+        "server, skysnap and the load.",
+        "",
+        "| skysnap into | snapshots/s | vs single node | ack p50 / p99 ms | skysnap CPU cores "
+        "| ClickHouse CPU cores | bytes/snapshot (one copy) | missing |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m, cpu_key in (("single server", single, "clickhouse_cpu_cores"),
+                              ("cluster (replicated, synchronous Distributed INSERT)", cluster,
+                               "cluster_cpu_cores")):
+        lines.append(
+            f"| {label} | {fmt(m['snapshots_per_second'])} | "
+            f"{fmt(100 * m['snapshots_per_second'] / single['snapshots_per_second'])} % | "
+            f"{fmt(m['ack_p50_ms'], 1)} / {fmt(m['ack_p99_ms'], 1)} | {fmt(m['cpu_cores'], 2)} | "
+            f"{fmt(m.get(cpu_key), 2)} | {fmt(m.get('bytes_per_snapshot'), 1)} | "
+            f"{fmt(m.get('missing_total') or 0)} |")
+    lines += [
+        "",
+        "Raw full-row INSERTs of the same snapshots (`examples/raw_clickhouse`, no skysnap), "
+        "each target at its best of the sweep below:",
+        "",
+        "| raw INSERT into | best rows x concurrency | rows/s | vs single server | "
+        "ClickHouse CPU cores |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    labels = {
+        "single": "single server, plain ReplacingMergeTree",
+        "local": "one shard's replicated table (replication only)",
+        "distributed": "cluster Distributed table, synchronous (what skysnap does)",
+        "distributed-async": "cluster Distributed table, asynchronous (acknowledged before commit)",
+    }
+    for target in CLUSTER_RAW_TARGETS:
+        m = raw[target]["median"]
+        cpu = m.get("cluster_cpu_cores", m.get("clickhouse_cpu_cores"))
+        lines.append(
+            f"| {labels[target]} | {fmt(m['rows_per_insert'])} x {m['concurrency']} | "
+            f"{fmt(m['snapshots_per_second'])} | "
+            f"{fmt(100 * m['snapshots_per_second'] / limit_single)} % | {fmt(cpu, 2)} |")
+    lines += ["", "The sweep (one run each):", "",
+              "| target | " + " | ".join(f"{fmt(r)} x {k}" for r in CLUSTER_SWEEP_ROWS
+                                          for k in CLUSTER_SWEEP_CONCURRENCY) + " |",
+              "|---|" + "---:|" * (len(CLUSTER_SWEEP_ROWS) * len(CLUSTER_SWEEP_CONCURRENCY))]
+    for target in CLUSTER_RAW_TARGETS:
+        cells = {(r["rows_per_insert"], r["concurrency"]): r["snapshots_per_second"]
+                 for r in raw[target]["sweep"]}
+        lines.append(f"| {target} | " + " | ".join(
+            fmt(cells.get((r, k))) for r in CLUSTER_SWEEP_ROWS for k in CLUSTER_SWEEP_CONCURRENCY) + " |")
+    return "\n".join(lines)
 
 
 def scenario_kafka_and_consume(seconds):
@@ -893,11 +1088,11 @@ def median_of(runs):
         values = [run[key] for run in runs if run.get(key) is not None]
         if values:
             middle[key] = statistics.median(values)
-    middle["peak_rss_mb_max"] = max(run["peak_rss_mb"] for run in runs)
-    middle["missing_total"] = sum(run["missing"] or 0 for run in runs)
+    middle["peak_rss_mb_max"] = max(run.get("peak_rss_mb") or 0 for run in runs)
+    middle["missing_total"] = sum(run.get("missing") or 0 for run in runs)
     errors = {}
     for run in runs:
-        for code, count in run["errors"].items():
+        for code, count in run.get("errors", {}).items():
             errors[code] = errors.get(code, 0) + count
     middle["errors"] = errors
     return middle
@@ -1191,7 +1386,7 @@ def replace_block(text, name, body):
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
-def write_doc(results, soak_result, analysis=None, forwarding=None):
+def write_doc(results, soak_result, analysis=None, forwarding=None, cluster=None):
     with open(DOC) as doc:
         text = doc.read()
     text = replace_block(text, "results", render(results, soak_result))
@@ -1201,6 +1396,8 @@ def write_doc(results, soak_result, analysis=None, forwarding=None):
         text = replace_block(text, "analysis", render_analysis(analysis))
     if forwarding is not None:
         text = replace_block(text, "forwarding", render_forwarding(forwarding))
+    if cluster is not None:
+        text = replace_block(text, "cluster", render_cluster(cluster))
     with open(DOC, "w") as doc:
         doc.write(text)
 
@@ -1215,6 +1412,8 @@ def main():
                         help="run only the reading side: segment analysis and task flame graphs (~3 min)")
     parser.add_argument("--forwarding", action="store_true",
                         help="run only forwarding: trace segments straight to OAP vs through skysnap (~6 min)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run only the ClickHouse cluster comparison (~10 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the JSON files")
     parser.add_argument("--stacks", choices=("realistic", "cycle"), default="realistic",
                         help="the load's stacks: the realistic mix (default) or the cycling 40-frame "
@@ -1230,6 +1429,7 @@ def main():
     soak_result = json.load(open(SOAK)) if os.path.exists(SOAK) else None
     analysis = json.load(open(ANALYSIS)) if os.path.exists(ANALYSIS) else None
     forwarding = json.load(open(FORWARDING)) if os.path.exists(FORWARDING) else None
+    cluster = json.load(open(CLUSTER)) if os.path.exists(CLUSTER) else None
     if args.render_only:
         results = json.load(open(RESULTS))
     elif args.forwarding:
@@ -1237,6 +1437,11 @@ def main():
         forwarding = measure_forwarding(args.seconds)
         with open(FORWARDING, "w") as out:
             json.dump(forwarding, out, indent=2)
+    elif args.cluster:
+        results = json.load(open(RESULTS))
+        cluster = measure_cluster(args.runs, args.seconds)
+        with open(CLUSTER, "w") as out:
+            json.dump(cluster, out, indent=2)
     elif args.analysis:
         results = json.load(open(RESULTS))
         analysis = measure_analysis()
@@ -1253,7 +1458,7 @@ def main():
         results = measure_all(args.runs, args.seconds)
         with open(RESULTS, "w") as out:
             json.dump(results, out, indent=2)
-    write_doc(results, soak_result, analysis, forwarding)
+    write_doc(results, soak_result, analysis, forwarding, cluster)
     log(f"wrote {os.path.relpath(DOC, ROOT)}")
 
 

@@ -9,15 +9,18 @@
 #   benches/run.sh --soak-minutes 10   # the long half-rate memory run, once
 #   benches/run.sh --analysis          # the reading side only (~3 min): no Kafka needed
 #   benches/run.sh --forwarding        # trace segments straight to OAP vs through skysnap
+#   benches/run.sh --cluster           # skysnap and raw INSERTs, single server vs the 2x2 cluster
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 analysis=false
 forwarding=false
+cluster=false
 for arg in "$@"; do
   if [[ "$arg" == "--analysis" ]]; then analysis=true; fi
   if [[ "$arg" == "--forwarding" ]]; then forwarding=true; analysis=true; fi
+  if [[ "$arg" == "--cluster" ]]; then cluster=true; fi
 done
 
 ./scripts/build-deps.sh
@@ -33,7 +36,12 @@ if ! $forwarding && ! ./scripts/services/clickhouse.sh status >/dev/null 2>&1; t
   ./scripts/services/clickhouse.sh start
   started+=(clickhouse)
 fi
-if ! $analysis && ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
+if $cluster && ! ./scripts/services/clickhouse-cluster.sh status >/dev/null 2>&1; then
+  ./scripts/services/clickhouse-cluster.sh install
+  ./scripts/services/clickhouse-cluster.sh start
+  started+=(clickhouse-cluster)
+fi
+if ! $analysis && ! $cluster && ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
   ./scripts/services/kafka.sh install
   ./scripts/services/kafka.sh start
   started+=(kafka)

@@ -52,6 +52,41 @@ fn full_row_ddl(modern: bool) -> String {
          ORDER BY (task_id, segment_id, sequence)"
     )
 }
+/// The same table on a cluster: a replicated table on each node and a Distributed table
+/// over them, sharded as skysnap shards its snapshots (by task and segment).
+fn cluster_ddl(modern: bool, database: &str, cluster: &str) -> [String; 2] {
+    let local = full_row_ddl(modern)
+        .replace(
+            &format!("IF NOT EXISTS {TABLE} "),
+            &format!("IF NOT EXISTS {database}.{TABLE}_local ON CLUSTER {cluster} "),
+        )
+        .replace(
+            "ENGINE = ReplacingMergeTree()",
+            &format!(
+                "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{database}/{TABLE}_local', '{{replica}}')"
+            ),
+        );
+    let distributed = format!(
+        "CREATE TABLE IF NOT EXISTS {database}.{TABLE} ON CLUSTER {cluster} AS {database}.{TABLE}_local \
+         ENGINE = Distributed({cluster}, {database}, {TABLE}_local, cityHash64(task_id, segment_id))"
+    );
+    [local, distributed]
+}
+
+/// Where the rows go on a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ClusterTarget {
+    /// The Distributed table, returning once each shard's replica committed
+    /// (`insert_distributed_sync=1`): what skysnap does.
+    Distributed,
+    /// The Distributed table, returning once the rows are queued on the node it talks to
+    /// (`insert_distributed_sync=0`): faster, but an acknowledgement before the commit.
+    DistributedAsync,
+    /// The replicated table of the node it talks to (one shard): the cost of
+    /// replication alone.
+    Local,
+}
+
 /// Segments generated before the run (at least; more when one round needs more rows).
 const MIN_SEGMENTS: usize = 64;
 
@@ -95,6 +130,14 @@ struct Args {
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
+    /// A cluster of the servers' remote_servers: the table is made ON CLUSTER as a
+    /// replicated table plus a Distributed table over it, and not truncated (use a
+    /// fresh --database).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// With --cluster: which table the INSERTs go to.
+    #[arg(long, value_enum, default_value_t = ClusterTarget::Distributed)]
+    cluster_target: ClusterTarget,
 }
 
 /// A pre-generated snapshot with what the run counts for it. Rows of the same stack
@@ -215,6 +258,7 @@ struct Totals {
 /// until `deadline`; counts only committed INSERTs.
 async fn insert_loop(
     client: clickhouse::Client,
+    table: &'static str,
     rows: Arc<Vec<Prepared>>,
     start: usize,
     batch: usize,
@@ -224,7 +268,7 @@ async fn insert_loop(
     let mut next = start % rows.len();
     while Instant::now() < deadline {
         let (mut encoded, mut frames) = (0u64, 0u64);
-        let mut insert = client.insert::<Row<'_>>(TABLE).await?;
+        let mut insert = client.insert::<Row<'_>>(table).await?;
         for _ in 0..batch {
             let prepared = &rows[next];
             insert.write(&prepared.row()).await?;
@@ -260,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
         url: args.url.clone(),
         database: args.database.clone(),
         create_schema: true,
+        cluster: args.cluster.clone().unwrap_or_default(),
         ..ClickHouseConfig::default()
     };
     let store = ClickHouseStore::connect(&store_config, RetentionConfig::default().days.get())
@@ -269,16 +314,41 @@ async fn main() -> anyhow::Result<()> {
     drop(store);
 
     // The same transport as the store (TCP_NODELAY), so the limit is not the Nagle stall.
-    let client = skysnap::store::clickhouse::nodelay_client()
+    let mut client = skysnap::store::clickhouse::nodelay_client()
         .with_url(&args.url)
         .with_validation(false)
         .with_database(&args.database);
-    client
-        .query(&full_row_ddl(version.is_modern()))
-        .execute()
-        .await
-        .context("CREATE TABLE")?;
-    if !args.keep {
+    let mut table = TABLE;
+    let mut parts_of = "system.parts".to_string();
+    let mut parts_table = TABLE.to_string();
+    if let Some(cluster) = &args.cluster {
+        for statement in cluster_ddl(version.is_modern(), &args.database, cluster) {
+            client
+                .query(&statement)
+                .execute()
+                .await
+                .context("CREATE TABLE ON CLUSTER")?;
+        }
+        parts_table = format!("{TABLE}_local");
+        match args.cluster_target {
+            ClusterTarget::Distributed => {
+                client = client.with_setting("insert_distributed_sync", "1");
+                parts_of = format!("cluster({cluster}, system, parts)");
+            }
+            ClusterTarget::DistributedAsync => {
+                client = client.with_setting("insert_distributed_sync", "0");
+                parts_of = format!("cluster({cluster}, system, parts)");
+            }
+            ClusterTarget::Local => table = "raw_thread_snapshot_local",
+        }
+    } else {
+        client
+            .query(&full_row_ddl(version.is_modern()))
+            .execute()
+            .await
+            .context("CREATE TABLE")?;
+    }
+    if !args.keep && args.cluster.is_none() {
         client
             .query(&format!("TRUNCATE TABLE {TABLE}"))
             .execute()
@@ -303,6 +373,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|worker| {
             tokio::spawn(insert_loop(
                 client.clone(),
+                table,
                 rows.clone(),
                 worker * stride,
                 args.batch,
@@ -317,12 +388,12 @@ async fn main() -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
 
     let (bytes_on_disk, rows_on_disk): (u64, u64) = client
-        .query(
-            "SELECT sum(bytes_on_disk), sum(rows) FROM system.parts \
-             WHERE database = ? AND table = ? AND active",
-        )
+        .query(&format!(
+            "SELECT sum(bytes_on_disk), sum(rows) FROM {parts_of} \
+             WHERE database = ? AND table = ? AND active"
+        ))
         .bind(args.database.as_str())
-        .bind(TABLE)
+        .bind(parts_table.as_str())
         .fetch_one()
         .await
         .context("reading system.parts")?;
@@ -343,6 +414,8 @@ async fn main() -> anyhow::Result<()> {
     if args.json {
         let report = serde_json::json!({
             "server_version": version.to_string(),
+            "cluster": args.cluster,
+            "cluster_target": args.cluster.as_ref().map(|_| format!("{:?}", args.cluster_target)),
             "database": args.database,
             "batch": args.batch,
             "concurrency": args.concurrency,

@@ -560,7 +560,7 @@ async fn apply_cluster_schema(
         }
     }
     // Queued statements: this node runs them in turn.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let missing = missing().await?;
         if missing.is_empty() {

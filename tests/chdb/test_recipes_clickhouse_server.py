@@ -32,6 +32,14 @@ from skysnap_fixture import (
 
 URL_VARIABLE = "SKYSNAP_TEST_CLICKHOUSE_URL"
 URL = (os.environ.get(URL_VARIABLE) or f"http://127.0.0.1:{os.environ.get('CLICKHOUSE_HTTP_PORT', '18123')}").rstrip("/")
+# The loopback cluster of scripts/services/clickhouse-cluster.sh: the recipes run
+# unchanged on its Distributed tables, the schema being `skysnap schema --cluster`.
+CLUSTER_VARIABLE = "SKYSNAP_TEST_CLICKHOUSE_CLUSTER_URLS"
+CLUSTER_URLS = (os.environ.get(CLUSTER_VARIABLE)
+                or ",".join(f"http://127.0.0.1:1813{node}" for node in range(1, 5))).split(",")
+CLUSTER_NAME = os.environ.get("SKYSNAP_TEST_CLICKHOUSE_CLUSTER", "skysnap_cluster")
+# As skysnap's own client on a cluster: synchronous Distributed INSERTs, replicas in order.
+CLUSTER_SETTINGS = "?insert_distributed_sync=1&load_balancing=in_order"
 SKYSNAP_BIN = os.environ.get("SKYSNAP_BIN") or str(ROOT / "target" / "debug" / "skysnap")
 MODERN = (20, 1)  # as src/store/clickhouse/schema.rs: TTL, codecs and LowCardinality from here
 
@@ -40,8 +48,8 @@ class ServerError(Exception):
     """ClickHouse answered a statement with an error."""
 
 
-def http_query(sql, timeout=30):
-    request = urllib.request.Request(URL + "/", data=sql.encode(), method="POST")
+def http_query(sql, timeout=30, url=None):
+    request = urllib.request.Request((url or URL + "/"), data=sql.encode(), method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read().decode()
@@ -49,16 +57,26 @@ def http_query(sql, timeout=30):
         raise ServerError(f"{error.read().decode().strip()}\nin: {sql[:400]}") from None
 
 
-def server_answers():
+def server_answers(url=URL):
     try:
-        with urllib.request.urlopen(URL + "/ping", timeout=3) as response:
+        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=3) as response:
             return response.read().decode().strip() == "Ok."
     except (OSError, urllib.error.URLError):
         return False
 
 
-def rendered_ddl(version, database):
-    """The DDL skysnap would apply to this server, for `database`."""
+def rendered_ddl(version, database, cluster=None):
+    """The DDL skysnap would apply to this server, for `database` (on `cluster`)."""
+    if cluster:
+        assert os.path.exists(SKYSNAP_BIN), f"{SKYSNAP_BIN} renders the cluster DDL: build it"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKYSNAP_")}
+        env["SKYSNAP_CLICKHOUSE_DATABASE"] = database
+        out = subprocess.run(
+            [SKYSNAP_BIN, "schema", "--server-version", version, "--cluster", cluster],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, f"{SKYSNAP_BIN} schema --cluster failed: {out.stderr}"
+        return ddl_statements(out.stdout)
     if os.path.exists(SKYSNAP_BIN):
         # Only the database from the environment: `skysnap schema` refuses unknown
         # SKYSNAP_* variables, such as this test's own SKYSNAP_TEST_CLICKHOUSE_URL.
@@ -84,34 +102,45 @@ def rendered_ddl(version, database):
     return legacy
 
 
-@pytest.fixture(scope="module")
-def server():
-    if not server_answers():
-        if os.environ.get(URL_VARIABLE):
-            pytest.fail(f"{URL_VARIABLE}={URL} is set but the ClickHouse server there does not answer /ping")
-        pytest.skip(f"no ClickHouse server answers at {URL} and {URL_VARIABLE} is unset "
-                    "(start one with scripts/services/clickhouse.sh start)")
-    version = http_query("SELECT version()").strip()
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def server(request):
+    cluster = CLUSTER_NAME if request.param == "cluster" else None
+    url, variable = (CLUSTER_URLS[0], CLUSTER_VARIABLE) if cluster else (URL, URL_VARIABLE)
+    if not server_answers(url):
+        if os.environ.get(variable):
+            pytest.fail(f"{variable} is set but the ClickHouse server at {url} does not answer /ping")
+        pytest.skip(f"no ClickHouse server answers at {url} and {variable} is unset "
+                    "(start one with scripts/services/clickhouse.sh or clickhouse-cluster.sh start)")
+    url = url.rstrip("/") + "/" + (CLUSTER_SETTINGS if cluster else "")
+
+    def run(sql, node_url=None):
+        return http_query(sql, url=node_url or url)
+
+    version = run("SELECT version()").strip()
     database = f"skysnap_recipes_{uuid.uuid4().hex[:12]}"
-    statements = rendered_ddl(version, database)
-    assert statements[0] == f"CREATE DATABASE IF NOT EXISTS {database}", statements[0]
+    statements = rendered_ddl(version, database, cluster)
+    on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
+    assert statements[0] == f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}", statements[0]
     try:
         for statement in statements:
-            http_query(statement)
+            run(statement)
         # As on a live server between an insert and the next merge: keep re-sent rows
-        # apart (these tables only: the server is shared).
-        for table in TABLES:
-            http_query(f"SYSTEM STOP MERGES {database}.{table}")
+        # apart (these tables only: the server is shared); on a cluster, on every node.
+        for node_url in (CLUSTER_URLS if cluster else [url]):
+            for table in TABLES:
+                run(f"SYSTEM STOP MERGES {database}.{table}{'_local' if cluster else ''}",
+                    node_url.rstrip("/") + "/" if cluster else None)
         for statement in insert_statements(database):
-            http_query(statement)
+            run(statement)
 
         def q(sql):
             """The rows of a query, JSONCompact (18.16 has no JSONCompactEachRow), normalised."""
-            return norm(json.loads(http_query(sql + "\nFORMAT JSONCompact"))["data"])
+            return norm(json.loads(run(sql + "\nFORMAT JSONCompact"))["data"])
 
-        yield {"query": q, "database": database, "version": version}
+        yield {"query": q, "database": database, "version": version, "cluster": cluster,
+               "run": run}
     finally:
-        http_query(f"DROP DATABASE IF EXISTS {database}")
+        run(f"DROP DATABASE IF EXISTS {database}{on_cluster}")
 
 
 def run_recipe(server, name, **placeholders):
@@ -129,8 +158,10 @@ def test_profiled_segment_resent_is_replaced(server):
 
 def test_server_version_and_ddl(server):
     # Which server ran the recipes goes into the test log.
-    print(f"ClickHouse {server['version']} at {URL}, database {server['database']}")
-    ddl = http_query(f"SHOW CREATE TABLE {server['database']}.profile_snapshot")
+    print(f"ClickHouse {server['version']} (cluster: {server['cluster']}), database {server['database']}")
+    local = "_local" if server["cluster"] else ""
+    ddl = server["run"](f"SHOW CREATE TABLE {server['database']}.profile_snapshot{local}")
+    assert ("ReplicatedReplacingMergeTree" in ddl) == bool(server["cluster"]), ddl
     assert "ReplacingMergeTree" in ddl
     major, minor = (int(part) for part in server["version"].split(".")[:2])
     assert ("TTL" in ddl) == ((major, minor) >= MODERN), ddl
@@ -165,5 +196,5 @@ def test_segments_side_by_side_swapped(server):
 
 def test_collapsed_stacks_as_flamegraph_input(server):
     """The TSVRaw lines a person pipes into flamegraph.pl."""
-    out = http_query(recipe("collapsed_stacks", server["database"]) + "\nFORMAT TSVRaw")
+    out = server["run"](recipe("collapsed_stacks", server["database"]) + "\nFORMAT TSVRaw")
     assert [[line] for line in out.splitlines()] == expected("collapsed_stacks")

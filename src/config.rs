@@ -230,6 +230,12 @@ pub struct ClickHouseConfig {
     pub replication_path_prefix: String,
 }
 
+/// Letters, digits and `_` only: a name that goes into SQL as it is (a database, a
+/// cluster).
+pub fn is_plain_name(text: &str) -> bool {
+    text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl ClickHouseConfig {
     /// The servers of `url`, in the order given.
     pub fn urls(&self) -> impl Iterator<Item = &str> {
@@ -670,24 +676,13 @@ impl Config {
                 "must not be empty (leave it unset for no token)",
             );
         }
-        if self.clickhouse.database.is_empty()
-            || !self
-                .clickhouse
-                .database
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if self.clickhouse.database.is_empty() || !is_plain_name(&self.clickhouse.database) {
             return invalid(
                 "clickhouse.database",
                 "must be a plain name: letters, digits, _",
             );
         }
-        if !self
-            .clickhouse
-            .cluster
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if !is_plain_name(&self.clickhouse.cluster) {
             return invalid(
                 "clickhouse.cluster",
                 "must be a plain name: letters, digits, _ (or empty for a single node)",

@@ -385,10 +385,7 @@ fn schema(args: SchemaArgs) -> anyhow::Result<()> {
         None => ServerVersion::MODERN,
     };
     let cluster = args.cluster.unwrap_or(config.clickhouse.cluster.clone());
-    if !cluster
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
+    if !skysnap::config::is_plain_name(&cluster) {
         anyhow::bail!("--cluster {cluster:?} is not a plain name: letters, digits, _");
     }
     let database = &config.clickhouse.database;

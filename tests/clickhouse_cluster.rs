@@ -528,7 +528,6 @@ async fn test_cluster_consume_stores_each_snapshot_once() {
     let mut env_second = common_env.to_vec();
     env_second.push(("SKYSNAP_CLICKHOUSE_URL", urls_second.as_str()));
     let mut consumer = Consumer::start(dir.path(), &env_first);
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut consumer_too = Consumer::start(dir.path(), &env_second);
     let table = format!("{database}.profile_snapshot");
     eventually(Duration::from_secs(90), || async {
@@ -558,8 +557,127 @@ async fn test_cluster_consume_stores_each_snapshot_once() {
     let (shard_one, shard_two) =
         replicas_equal(&database, "profile_snapshot", Duration::from_secs(60)).await;
     assert_eq!(shard_one + shard_two, 10_000);
+    // The group committed every message (12,000 with the re-sent streams), whichever
+    // member took which partitions.
+    let committed = eventually(Duration::from_secs(30), || async {
+        let (first, second) = (consumer.committed().await, consumer_too.committed().await);
+        (first + second >= 12_000.0).then_some((first, second))
+    })
+    .await;
+    eprintln!("cluster consume: the members committed {committed:?} snapshots");
     consumer.stop();
     consumer_too.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_shard_down_refuses_streams_unavailable_and_keeps_the_rest() {
+    let _turn = CLUSTER.lock().await;
+    let database = fresh_database("cluster_shard_down");
+    let server = receiver(
+        &database,
+        &[1, 2],
+        &[("SKYSNAP_SINK_RETRY_BUDGET_MS", "3000")],
+    );
+    let base = now_ms() - 60_000;
+    let before: Vec<String> = (0..8).map(|n| format!("sd-before-{n}")).collect();
+    for (segment, result) in send_segments(&server, "sd-task", &before, 200, base, 4).await {
+        assert_eq!(result, Ok(()), "{segment}");
+    }
+    // Both replicas of shard 2 gone: a batch with rows for it cannot commit.
+    tokio::task::spawn_blocking(|| {
+        cluster_node("kill-node", 3);
+        cluster_node("kill-node", 4);
+    })
+    .await
+    .unwrap();
+    let during: Vec<String> = (0..8).map(|n| format!("sd-during-{n}")).collect();
+    let outcomes = send_segments(&server, "sd-task", &during, 200, base, 8).await;
+    tokio::task::spawn_blocking(|| {
+        cluster_node("start-node", 3);
+        cluster_node("start-node", 4);
+    })
+    .await
+    .unwrap();
+    // Retriable (ALL_CONNECTION_TRIES_FAILED), so UNAVAILABLE after the sink's budget,
+    // never a refusal of the data.
+    let refused: Vec<&tonic::Code> = outcomes
+        .iter()
+        .filter_map(|(_, result)| result.as_ref().err())
+        .collect();
+    assert!(!refused.is_empty(), "{outcomes:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|code| **code == tonic::Code::Unavailable),
+        "{outcomes:?}"
+    );
+    // Back, the agents' re-sent streams are taken, and everything acknowledged is there
+    // (the restarted replicas wait for their old ZooKeeper sessions to expire first).
+    let resent = eventually(Duration::from_secs(60), || async {
+        let outcomes = send_segments(&server, "sd-task", &during, 200, base, 8).await;
+        outcomes
+            .iter()
+            .all(|(_, result)| result.is_ok())
+            .then_some(outcomes.len())
+    })
+    .await;
+    assert_eq!(resent, 8);
+    let stored = count_on_node(
+        1,
+        &format!("SELECT count() FROM {database}.profile_snapshot FINAL"),
+    )
+    .await;
+    assert_eq!(stored, 16 * 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_cluster_refuses_a_database_of_single_node_tables() {
+    let _turn = CLUSTER.lock().await;
+    let database = fresh_database("cluster_single_tables");
+    // A single-node store on node 1: its tables hold the names the Distributed tables take.
+    let single = Server::start(&[
+        ("SKYSNAP_STORE_KIND", "clickhouse"),
+        ("SKYSNAP_CLICKHOUSE_URL", nodes()[0].as_str()),
+        ("SKYSNAP_CLICKHOUSE_DATABASE", database.as_str()),
+    ]);
+    drop(single);
+    let url = urls(&[1]);
+    let cluster = cluster_name();
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = skysnap_command()
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("SKYSNAP_STORE_KIND", "clickhouse")
+        .env("SKYSNAP_CLICKHOUSE_URL", &url)
+        .env("SKYSNAP_CLICKHOUSE_DATABASE", &database)
+        .env("SKYSNAP_CLICKHOUSE_CLUSTER", &cluster)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("skysnap starts");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("skysnap started on a database of single-node tables");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("holds a single-node store"), "{stderr}");
+    on_node(1, &format!("DROP DATABASE {database}")).await;
 }
 
 /// The answers of the reading API for one task, with the task's id written as `TASK`,

@@ -436,6 +436,33 @@ async fn test_profiled_segments_in_clickhouse() {
     clickhouse(&format!("DROP DATABASE {database}")).await;
 }
 
+/// The same through the loopback cluster (2 shards x 2 replicas): kept segments are
+/// sharded by segment, snapshots by task and segment, so the instance filter and the
+/// task's segment list read across shards (GLOBAL IN).
+#[tokio::test]
+async fn test_profiled_segments_in_clickhouse_cluster() {
+    let urls = std::env::var("SKYSNAP_TEST_CLICKHOUSE_CLUSTER_URLS").unwrap_or_else(|_| {
+        (1..=4)
+            .map(|node| format!("http://127.0.0.1:1813{node}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let config = ClickHouseConfig {
+        url: urls.clone(),
+        database: fresh_database("profiled_cluster"),
+        cluster: std::env::var("SKYSNAP_TEST_CLICKHOUSE_CLUSTER")
+            .unwrap_or_else(|_| "skysnap_cluster".to_string()),
+        ..ClickHouseConfig::default()
+    };
+    let store = ClickHouseStore::connect(&config, 3)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("the ClickHouse cluster is not reachable at {urls} ({error}); run the tests through ./scripts/test.sh")
+        });
+    let removes_itself = !store.version().is_modern();
+    check_store(&store, removes_itself).await;
+}
+
 /// `GET /api/v1/segments/{id}` and the task's segment list of a server whose store holds
 /// a kept segment (written through a second handle on the same store).
 async fn check_http(server: &Server, store: &dyn Store) {

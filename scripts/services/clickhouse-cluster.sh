@@ -17,7 +17,8 @@
 # stop       : TERM the four servers, then ZooKeeper; KILL after a timeout. Data is kept.
 # reset      : stop, then delete the data of the servers and of ZooKeeper (jars are kept).
 # kill-node N: SIGKILL node N (a crash: no graceful shutdown; its ZooKeeper session expires
-#              after the session timeout).
+#              after the session timeout), and set its flags/force_restore_data, as an
+#              operator does after a crash (see node_kill).
 # stop-node N: graceful stop of node N.
 # start-node N: start node N (and ZooKeeper if it is down), wait for its /ping. A node
 #              killed less than the session timeout ago finds its old session's
@@ -617,7 +618,15 @@ node_kill() { # N: SIGKILL, no graceful shutdown
     sleep 0.1
   done
   rm -f "$pf"
-  log "node$n: killed (pid $pid)"
+  # What an operator does after a replica crashed: a part written on its disk by an
+  # INSERT that never committed in ZooKeeper (so was never acknowledged) is
+  # "unexpected" at the next start, and 18.16 refuses to load a table where such parts
+  # are over half its rows ("doesn't look like the set of parts in ZooKeeper") -- small
+  # tables, as in the tests. The flag makes the next start set them aside (detached)
+  # and fetch the rest from the other replica; the server removes it.
+  mkdir -p "$CLUSTER_DIR/node$n/data/flags"
+  touch "$CLUSTER_DIR/node$n/data/flags/force_restore_data"
+  log "node$n: killed (pid $pid); flags/force_restore_data set for its next start"
 }
 
 # ---------------------------------------------------------------- commands

@@ -23,7 +23,8 @@ Results go to docs/perf/analysis.json and into the analysis block of the doc.
 
 --cluster runs only the ClickHouse cluster comparison (issue 14), same load, same run:
 skysnap into the single loopback server and into the 2-shard x 2-replica cluster of
-scripts/services/clickhouse-cluster.sh, and raw full-row INSERTs (each target swept
+scripts/services/clickhouse-cluster.sh, `skysnap consume` of one topic into each, and
+raw full-row INSERTs (each target swept
 over INSERT sizes and concurrencies) into the single server's plain table, one shard's
 replicated table, and the cluster's Distributed table with and without synchronous
 inserts. Results go to docs/perf/cluster.json and into the cluster block of the doc.
@@ -511,6 +512,66 @@ def scenario_raw_cluster(seconds, rows, concurrency, target):
     }
 
 
+def scenario_consume_cluster(seconds):
+    """One kafka-mode load into a fresh topic, then `skysnap consume` of the whole topic
+    (a group each) into the single server, into the cluster, and into the cluster with
+    100,000-snapshot batches; each timed from ready until every snapshot is stored."""
+    topic = f"skysnap-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run([KAFKA_SH, "topic-create", topic, "4"], check=True, capture_output=True)
+    kafka_env = {"SKYSNAP_KAFKA_BROKERS": KAFKA_BROKERS, "SKYSNAP_KAFKA_TOPIC": topic}
+    with tempfile.TemporaryDirectory(prefix="skysnap-bench-") as data:
+        server = skysnap_serve(data, dict(kafka_env, SKYSNAP_PIPELINE_MODE="kafka"))
+        try:
+            produced = measured_load(server, None, seconds)
+        finally:
+            server.stop()
+    expected = produced["snapshots_acknowledged"]
+    results = {}
+    for name, on_cluster, batch in (("single", False, None), ("cluster", True, None),
+                                    ("cluster_100k", True, 100_000)):
+        wait_for_quiet_clickhouse()
+        database = f"skysnap_bench_cc_{uuid.uuid4().hex[:8]}"
+        env = dict(kafka_env, SKYSNAP_KAFKA_GROUP_ID=f"bench-{name}-{topic}",
+                   SKYSNAP_METRICS_ADDR="127.0.0.1:0", SKYSNAP_LOG="warn",
+                   SKYSNAP_STORE_KIND="clickhouse", SKYSNAP_CLICKHOUSE_DATABASE=database)
+        if on_cluster:
+            env.update(SKYSNAP_CLICKHOUSE_URL=",".join(CLUSTER_NODES[:2]),
+                       SKYSNAP_CLICKHOUSE_CLUSTER=CLUSTER_NAME)
+            count = lambda: cluster_query(f"SELECT count() FROM {database}.profile_snapshot")
+        else:
+            env.update(SKYSNAP_CLICKHOUSE_URL=CLICKHOUSE_URL)
+            count = lambda: clickhouse(f"SELECT count() FROM {database}.profile_snapshot")
+        if batch:
+            env["SKYSNAP_KAFKA_CONSUME_BATCH_SNAPSHOTS"] = str(batch)
+        consumer = Server([SKYSNAP, "consume"], env, r"skysnap consumer ready metrics=(?P<metrics>\S+)")
+        began, cpu_before, services_before = time.monotonic(), cpu_seconds(consumer.pid), service_cpu()
+        stored = 0
+        try:
+            while time.monotonic() - began < 600:
+                stored = int(count() or 0)
+                if stored >= expected:
+                    break
+                time.sleep(0.2)
+            elapsed = time.monotonic() - began
+            cpu = cpu_seconds(consumer.pid) - cpu_before
+            services_after = service_cpu()
+        finally:
+            consumer.stop()
+        if on_cluster:
+            drop_cluster_database(database)
+        else:
+            clickhouse(f"DROP DATABASE IF EXISTS {database}")
+        store_cpu = "cluster" if on_cluster else "clickhouse"
+        results[name] = {
+            "snapshots_per_second": stored / elapsed, "snapshots": stored,
+            "missing": max(expected - stored, 0), "cpu_cores": cpu / elapsed,
+            "store_cpu_cores": (services_after[store_cpu] - services_before[store_cpu]) / elapsed,
+            "batch": batch or 10_000,
+        }
+        log(f"consume -> {name}: {stored / elapsed:.0f} snapshots/s")
+    return results
+
+
 def measure_cluster(runs, seconds):
     """skysnap single node vs cluster (interleaved runs), then each raw target swept
     once over CLUSTER_SWEEP_ROWS x CLUSTER_SWEEP_CONCURRENCY and run twice more at its
@@ -523,6 +584,16 @@ def measure_cluster(runs, seconds):
             result = scenario(seconds)
             log(f"  {result['snapshots_per_second']:.0f} snapshots/s, ack p99 {result['ack_p99_ms']:.0f} ms")
             skysnap_runs[name].append(result)
+    consume_runs = []
+    for run in range(runs):
+        log(f"consume comparison run {run + 1}/{runs}")
+        consume_runs.append(scenario_consume_cluster(seconds))
+    consume = {}
+    for name in consume_runs[0]:
+        ordered = sorted((r[name] for r in consume_runs), key=lambda r: r["snapshots_per_second"])
+        consume[name] = dict(ordered[len(ordered) // 2],
+                             runs_snapshots_per_second=[round(r[name]["snapshots_per_second"])
+                                                        for r in consume_runs])
     raw = {}
     for target in CLUSTER_RAW_TARGETS:
         sweep = []
@@ -547,6 +618,7 @@ def measure_cluster(runs, seconds):
         "skysnap": {name: {"runs": results, "median": median_of(results)}
                     for name, results in skysnap_runs.items()},
         "raw": raw,
+        "consume": consume,
     }
 
 
@@ -577,6 +649,26 @@ def render_cluster(c):
             f"{fmt(m['ack_p50_ms'], 1)} / {fmt(m['ack_p99_ms'], 1)} | {fmt(m['cpu_cores'], 2)} | "
             f"{fmt(m.get(cpu_key), 2)} | {fmt(m.get('bytes_per_snapshot'), 1)} | "
             f"{fmt(m.get('missing_total') or 0)} |")
+    consume = c.get("consume")
+    if consume:
+        base = consume["single"]["snapshots_per_second"]
+        lines += [
+            "",
+            "`skysnap consume` of one topic filled by a kafka-mode load (the whole topic, a "
+            "consumer group each, timed until every snapshot is stored):",
+            "",
+            "| consume into | snapshots per INSERT (at most) | snapshots/s | vs single server "
+            "| runs | consume CPU cores | ClickHouse CPU cores |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for name, label in (("single", "single server"), ("cluster", "cluster"),
+                            ("cluster_100k", "cluster")):
+            m = consume[name]
+            lines.append(
+                f"| {label} | {fmt(m['batch'])} | {fmt(m['snapshots_per_second'])} | "
+                f"{fmt(100 * m['snapshots_per_second'] / base)} % | "
+                f"{' / '.join(fmt(v) for v in m['runs_snapshots_per_second'])} | "
+                f"{fmt(m['cpu_cores'], 2)} | {fmt(m['store_cpu_cores'], 2)} |")
     lines += [
         "",
         "Raw full-row INSERTs of the same snapshots (`examples/raw_clickhouse`, no skysnap), "

@@ -41,7 +41,7 @@ if $cluster && ! ./scripts/services/clickhouse-cluster.sh status >/dev/null 2>&1
   ./scripts/services/clickhouse-cluster.sh start
   started+=(clickhouse-cluster)
 fi
-if ! $analysis && ! $cluster && ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
+if ! $analysis && ! ./scripts/services/kafka.sh status >/dev/null 2>&1; then
   ./scripts/services/kafka.sh install
   ./scripts/services/kafka.sh start
   started+=(kafka)

@@ -512,10 +512,9 @@ def scenario_raw_cluster(seconds, rows, concurrency, target):
     }
 
 
-def scenario_consume_cluster(seconds):
-    """One kafka-mode load into a fresh topic, then `skysnap consume` of the whole topic
-    (a group each) into the single server, into the cluster, and into the cluster with
-    100,000-snapshot batches; each timed from ready until every snapshot is stored."""
+def kafka_mode_load(seconds):
+    """A kafka-mode receiver under the load for `seconds`, into a fresh 4-partition
+    topic: the topic, the Kafka settings that name it, and the load's measurements."""
     topic = f"skysnap-bench-{uuid.uuid4().hex[:8]}"
     subprocess.run([KAFKA_SH, "topic-create", topic, "4"], check=True, capture_output=True)
     kafka_env = {"SKYSNAP_KAFKA_BROKERS": KAFKA_BROKERS, "SKYSNAP_KAFKA_TOPIC": topic}
@@ -525,6 +524,14 @@ def scenario_consume_cluster(seconds):
             produced = measured_load(server, None, seconds)
         finally:
             server.stop()
+    return topic, kafka_env, produced
+
+
+def scenario_consume_cluster(seconds):
+    """One kafka-mode load into a fresh topic, then `skysnap consume` of the whole topic
+    (a group each) into the single server, into the cluster, and into the cluster with
+    100,000-snapshot batches; each timed from ready until every snapshot is stored."""
+    topic, kafka_env, produced = kafka_mode_load(seconds)
     expected = produced["snapshots_acknowledged"]
     results = {}
     for name, on_cluster, batch in (("single", False, None), ("cluster", True, None),
@@ -704,15 +711,7 @@ def render_cluster(c):
 
 
 def scenario_kafka_and_consume(seconds):
-    topic = f"skysnap-bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run([KAFKA_SH, "topic-create", topic, "4"], check=True, capture_output=True)
-    kafka_env = {"SKYSNAP_KAFKA_BROKERS": KAFKA_BROKERS, "SKYSNAP_KAFKA_TOPIC": topic}
-    with tempfile.TemporaryDirectory(prefix="skysnap-bench-") as data:
-        server = skysnap_serve(data, dict(kafka_env, SKYSNAP_PIPELINE_MODE="kafka"))
-        try:
-            produced = measured_load(server, None, seconds)
-        finally:
-            server.stop()
+    topic, kafka_env, produced = kafka_mode_load(seconds)
 
     database = f"skysnap_bench_{uuid.uuid4().hex[:8]}"
     env = dict(kafka_env, **clickhouse_env(database),

@@ -838,7 +838,7 @@ impl ClickHouseStore {
     fn local(&self, table: &str) -> String {
         match &self.cluster_opt {
             // Qualified: the shards run it in their default database.
-            Some(_) => format!("{}.{table}{}", self.database, schema::LOCAL_SUFFIX),
+            Some(_) => format!("{}.{}", self.database, self.stored_name(table)),
             None => table.to_string(),
         }
     }
